@@ -1,0 +1,53 @@
+#!/usr/bin/env node
+/**
+ * The `buildbox` command. Each sub-command lives in its own module under src/commands/ and is loaded lazily, so
+ * `buildbox --help` stays fast and a broken optional part never stops the others.
+ */
+import { Command, CommanderError } from 'commander';
+import { VERSION } from './version.js';
+
+export class UsageError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode = 2,
+  ) {
+    super(message);
+    this.name = 'UsageError';
+  }
+}
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('buildbox')
+    .description('A community Nix remote build box: ssh:// and ssh-ng:// builders, per-user store views, no trusted users')
+    .version(VERSION, '-V, --version')
+    .showHelpAfterError();
+  return program;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  program.exitOverride();
+  try {
+    await program.parseAsync(argv);
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
+  } catch (e) {
+    if (e instanceof CommanderError) return e.exitCode;
+    if (e instanceof UsageError) {
+      process.stderr.write(`buildbox: ${e.message}\n`);
+      return e.exitCode;
+    }
+    const msg = e instanceof Error ? e.message : String(e);
+    process.stderr.write(`buildbox: error: ${msg}\n`);
+    if (process.env.BUILDBOX_DEBUG) process.stderr.write(`${(e as Error).stack ?? ''}\n`);
+    return 1;
+  }
+}
+
+const isMain = process.argv[1] && import.meta.url === new URL(`file://${process.argv[1]}`).href;
+if (isMain || process.argv[1]?.endsWith('/cli.js')) {
+  main(process.argv).then((code) => {
+    process.exitCode = code;
+  });
+}
