@@ -20,7 +20,9 @@ export function buildProgram(): Command {
   const program = new Command();
   program
     .name('buildbox')
-    .description('A community Nix remote build box: ssh:// and ssh-ng:// builders, per-user store views, no trusted users')
+    .description(
+      'A community Nix remote build box: ssh:// and ssh-ng:// builders, per-user store views, no trusted users',
+    )
     .version(VERSION, '-V, --version')
     .showHelpAfterError();
   return program;

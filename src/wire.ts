@@ -26,7 +26,6 @@ export interface WireLimits {
 export const DEFAULT_LIMITS: WireLimits = { maxString: 64 * 1024 * 1024, maxList: 1_000_000 };
 
 const EMPTY = Buffer.alloc(0);
-const ZERO_PAD = Buffer.alloc(8);
 const TWO_POW_53 = 2 ** 53;
 
 export type ByteSource = AsyncIterable<Buffer | Uint8Array | string>;
@@ -59,7 +58,12 @@ export class WireReader {
         return false;
       }
       const v = r.value;
-      const chunk = typeof v === 'string' ? Buffer.from(v) : Buffer.isBuffer(v) ? v : Buffer.from(v.buffer, v.byteOffset, v.byteLength);
+      const chunk =
+        typeof v === 'string'
+          ? Buffer.from(v)
+          : Buffer.isBuffer(v)
+            ? v
+            : Buffer.from(v.buffer, v.byteOffset, v.byteLength);
       if (chunk.length === 0) continue;
       if (this.pos >= this.buf.length) {
         this.buf = chunk;
@@ -81,7 +85,10 @@ export class WireReader {
   async readExact(n: number, what = 'data'): Promise<Buffer> {
     while (this.buffered < n) {
       if (!(await this.fill())) {
-        throw new WireError(`unexpected end of stream while reading ${what} (${n} bytes wanted, ${this.buffered} left)`, this.offset);
+        throw new WireError(
+          `unexpected end of stream while reading ${what} (${n} bytes wanted, ${this.buffered} left)`,
+          this.offset,
+        );
       }
     }
     const out = this.buf.subarray(this.pos, this.pos + n);

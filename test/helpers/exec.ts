@@ -39,7 +39,11 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
     child.on('close', (code, signal) => {
       clearTimeout(timer);
       const enc = opts.encoding ?? 'utf8';
-      const res = { stdout: Buffer.concat(out).toString(enc), stderr: Buffer.concat(err).toString(enc), code: code ?? 128 };
+      const res = {
+        stdout: Buffer.concat(out).toString(enc),
+        stderr: Buffer.concat(err).toString(enc),
+        code: code ?? 128,
+      };
       if (res.code !== 0 && !opts.allowFail) {
         reject(new Error(`${cmd} ${args.join(' ')} exited ${code ?? signal}\n${res.stderr}`));
       } else resolve(res);

@@ -39,10 +39,14 @@ export function nix226(cmd: string, args: string[], opts: RunOptions & { binds?:
   const bindArgs = (opts.binds ?? []).flatMap((b) => ['--bind', b]);
   const env = nixEnv(opts.env);
   const envArgs = Object.entries(env).map(([k, v]) => `${k}=${v ?? ''}`);
-  return run('bash', [join(REPO, 'scripts', 'in-trixie.sh'), ...bindArgs, '--', 'env', '-i', ...envArgs, cmd, ...args], {
-    ...opts,
-    env: { ...process.env, BUILDBOX_TRIXIE_ROOT: TRIXIE_ROOT },
-  });
+  return run(
+    'bash',
+    [join(REPO, 'scripts', 'in-trixie.sh'), ...bindArgs, '--', 'env', '-i', ...envArgs, cmd, ...args],
+    {
+      ...opts,
+      env: { ...process.env, BUILDBOX_TRIXIE_ROOT: TRIXIE_ROOT },
+    },
+  );
 }
 
 export type NixClient = typeof nix28;
