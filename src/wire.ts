@@ -328,3 +328,13 @@ export function waitDrain(sink: Writable): Promise<void> {
     sink.once('error', onErr);
   });
 }
+
+/** Exactly the next `n` bytes of `r` as a byte source (e.g. the `narSize` bytes of a serve-protocol upload). */
+export async function* limitedSource(r: WireReader, n: number, what = 'data'): AsyncGenerator<Buffer> {
+  let left = n;
+  while (left > 0) {
+    const c = await r.readSome(Math.min(left, 1 << 20), what);
+    left -= c.length;
+    yield c;
+  }
+}
