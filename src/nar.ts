@@ -29,6 +29,18 @@ export class NarDumpError extends Error {
   }
 }
 
+/** Writing an extracted tree failed (disk full, a name the file system refuses…); `code` is the errno code. */
+export class NarRestoreError extends Error {
+  readonly code: string | undefined;
+  constructor(dest: string, tmp: string, cause: unknown) {
+    const e = cause as NodeJS.ErrnoException;
+    const detail = (e instanceof Error ? e.message : String(e)).split(tmp).join(dest);
+    super(`cannot extract the NAR to ${dest}: ${detail}`, { cause });
+    this.name = 'NarRestoreError';
+    this.code = e?.code;
+  }
+}
+
 export interface NarSummary {
   /** sha256 digest (32 bytes) of the exact NAR bytes. */
   narHash: Buffer;
@@ -553,14 +565,23 @@ class Extractor {
   private readonly all = new Set<Promise<void>>();
   error: unknown = undefined;
 
+  readonly root: Buffer;
+
   constructor(
-    readonly root: Buffer,
+    readonly dest: string,
+    readonly tmp: string,
     private readonly maxBytes = 32 * 1024 * 1024,
     private readonly maxFiles = 64,
-  ) {}
+  ) {
+    this.root = Buffer.from(tmp);
+  }
+
+  wrap(e: unknown): NarRestoreError {
+    return e instanceof NarRestoreError ? e : new NarRestoreError(this.dest, this.tmp, e);
+  }
 
   private fail(e: unknown): void {
-    this.error ??= e;
+    this.error ??= this.wrap(e);
     this.wake();
   }
 
@@ -585,7 +606,11 @@ class Extractor {
   }
 
   async mkdir(path: Buffer): Promise<void> {
-    await pMkdir(path, 0o700);
+    try {
+      await pMkdir(path, 0o700);
+    } catch (e) {
+      throw this.wrap(e);
+    }
     this.dirs.push(path);
   }
 
@@ -997,14 +1022,14 @@ export async function restoreNar(reader: WireReader, dest: string, opts: Restore
     throw new Error(`cannot restore a NAR to ${dest}: it already exists`);
   }
   const tmp = `${dest}.tmp-${randomBytes(8).toString('hex')}`;
-  const ex = new Extractor(Buffer.from(tmp));
+  const ex = new Extractor(dest, tmp);
   const p = new NarParser(reader, opts, ex, opts.drainOnIoError ?? false);
   try {
     const res = await p.parse();
     if (opts.expectEnd) await p.expectEnd();
     await ex.settle();
     if (ex.error !== undefined) throw ex.error;
-    await ex.finishDirs();
+    await ex.finishDirs().catch((e) => Promise.reject(ex.wrap(e)));
     if (
       await pLstat(dest).then(
         () => true,
@@ -1013,11 +1038,10 @@ export async function restoreNar(reader: WireReader, dest: string, opts: Restore
     ) {
       throw new Error(`cannot restore a NAR to ${dest}: it appeared while the NAR was being read`);
     }
-    await fs.promises.rename(tmp, dest);
+    await fs.promises.rename(tmp, dest).catch((e) => Promise.reject(ex.wrap(e)));
     return res;
   } catch (e) {
     await ex.removeAll().catch(() => {});
-    // A parse error is more useful than the I/O error it may have caused (and vice versa).
     throw e;
   }
 }

@@ -583,7 +583,9 @@ describe('restoreNar', () => {
     const r = readerOf(Buffer.concat([nar, encodeString('next')]));
     // The destination's parent does not exist: creating the temp dir fails with ENOENT.
     const dest = join(fresh('noparent'), 'x');
-    await expect(restoreNar(r, dest, { drainOnIoError: true })).rejects.toThrow(/ENOENT/);
+    await expect(restoreNar(r, dest, { drainOnIoError: true })).rejects.toThrow(
+      `cannot extract the NAR to ${dest}: ENOENT: no such file or directory, mkdir '${dest}'`,
+    );
     expect(await r.readString()).toBe('next');
   });
 
