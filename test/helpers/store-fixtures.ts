@@ -64,7 +64,14 @@ export async function buildWithRefs(dir: string, name: string, text: string, ref
 }
 
 export async function nixPathInfo(path: string, sigs = false): Promise<NixPathInfo> {
-  const args = ['path-info', '--json', ...(sigs ? ['--sigs'] : []), path];
+  // `--derivation`: a .drv path means the derivation itself, not its outputs.
+  const args = [
+    'path-info',
+    '--json',
+    ...(sigs ? ['--sigs'] : []),
+    ...(path.endsWith('.drv') ? ['--derivation'] : []),
+    path,
+  ];
   const r = await nix28('nix', args);
   const arr = JSON.parse(r.stdout) as NixPathInfo[];
   return arr[0]!;
