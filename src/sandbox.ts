@@ -1,0 +1,389 @@
+/**
+ * The bubblewrap sandbox of one build (spec §6.6), run as the build slot's own unprivileged uid.
+ *
+ * Layout inside (host → sandbox):
+ * - `/` a fresh tmpfs, remounted read-only once everything is in place;
+ * - `/nix/store` ← `<top>/store`, a fresh, otherwise empty host directory owned by the slot uid: the builder creates
+ *   its outputs there exactly as under Nix (as a directory, a file or a symlink), and every object of the input closure
+ *   is bind-mounted read-only on top of it at `/nix/store/<base>` (symlink objects are recreated as symlinks). Nothing
+ *   else of the store is visible.
+ * - `/build` ← `<top>/build` (0700, slot uid), `NIX_BUILD_TOP`;
+ * - `/etc` (0555) with `passwd`, `group` and `hosts` exactly as Nix writes them; fixed-output builds instead get the
+ *   host's `resolv.conf`, `services` and `hosts` and Nix's `nsswitch.conf`;
+ * - private `/tmp` (1777 tmpfs), minimal `/dev` (bwrap's: null zero full random urandom tty, pts, ptmx, fd links) with a
+ *   fresh `/dev/shm`, fresh `/proc`;
+ * - new user (uid 1000, gid 100 inside), pid, ipc, uts (hostname `localhost`) and — except for fixed-output builds —
+ *   network namespaces.
+ *
+ * Arguments and environment reach bwrap through `--args <fd>` as NUL-separated raw bytes, so latin1 derivation strings
+ * arrive byte-exact (process argv/env from Node would be UTF-8 encoded).
+ *
+ * Killing: the builder runs as PID 1 of its PID namespace (`--as-pid-1`, as under Nix); when it exits or is killed the
+ * kernel kills everything left in the namespace. `--die-with-parent` ties it to bwrap, bwrap runs in its own process
+ * group which `kill()` signals, and `killUidProcesses(uid)` sweeps any process still running as the slot uid.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import {
+  chmodSync,
+  chownSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  type Stats,
+  writeFileSync,
+} from 'node:fs';
+import { dirname, join } from 'node:path';
+import type { Readable, Writable } from 'node:stream';
+
+export const BWRAP = '/usr/bin/bwrap';
+export const SANDBOX_BUILD_DIR = '/build';
+export const SANDBOX_UID = 1000;
+export const SANDBOX_GID = 100;
+
+/** Nix's /etc/passwd, /etc/group and /etc/hosts inside the sandbox (local-derivation-goal.cc). */
+export function etcPasswd(buildDir = SANDBOX_BUILD_DIR): string {
+  return (
+    `root:x:0:0:Nix build user:${buildDir}:/noshell\n` +
+    `nixbld:x:${SANDBOX_UID}:${SANDBOX_GID}:Nix build user:${buildDir}:/noshell\n` +
+    'nobody:x:65534:65534:Nobody:/:/noshell\n'
+  );
+}
+export const ETC_GROUP = `root:x:0:\nnixbld:!:${SANDBOX_GID}:\nnogroup:x:65534:\n`;
+export const ETC_HOSTS = '127.0.0.1 localhost\n::1 localhost\n';
+export const ETC_NSSWITCH = 'hosts: files dns\nservices: files\n';
+/** Host files a fixed-output build sees (when they exist), as Nix binds them. */
+export const FIXED_OUTPUT_HOST_ETC = ['/etc/resolv.conf', '/etc/services', '/etc/hosts'];
+
+export class SandboxError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'SandboxError';
+  }
+}
+
+/** The host directories of one build's sandbox. */
+export interface SandboxDirs {
+  /** Private top directory (root-owned, 0711). */
+  top: string;
+  /** Host side of `/build`. */
+  buildDir: string;
+  /** Host side of `/nix/store`: outputs appear here as `<storeHostDir>/<base name>`. */
+  storeHostDir: string;
+  /** Host directory holding the generated /etc files. */
+  etcDir: string;
+}
+
+/**
+ * Create the host directories of a sandbox under `top` (which must not exist; its parent must be traversable by the
+ * slot uid): `build` (0700) and `store` (0755) owned by uid/gid, `etc` with the files Nix writes.
+ */
+export function prepareSandboxDirs(top: string, uid: number, gid: number, opts: { fixedOutput: boolean }): SandboxDirs {
+  mkdirSync(top, { mode: 0o711 });
+  chmodSync(top, 0o711);
+  const buildDir = join(top, 'build');
+  const storeHostDir = join(top, 'store');
+  const etcDir = join(top, 'etc');
+  mkdirSync(buildDir, { mode: 0o700 });
+  chownSync(buildDir, uid, gid);
+  chmodSync(buildDir, 0o700);
+  mkdirSync(storeHostDir, { mode: 0o755 });
+  chownSync(storeHostDir, uid, gid);
+  chmodSync(storeHostDir, 0o755);
+  mkdirSync(etcDir, { mode: 0o755 });
+  writeFileSync(join(etcDir, 'passwd'), etcPasswd(), { mode: 0o644 });
+  writeFileSync(join(etcDir, 'group'), ETC_GROUP, { mode: 0o644 });
+  if (opts.fixedOutput) writeFileSync(join(etcDir, 'nsswitch.conf'), ETC_NSSWITCH, { mode: 0o644 });
+  else writeFileSync(join(etcDir, 'hosts'), ETC_HOSTS, { mode: 0o644 });
+  return { top, buildDir, storeHostDir, etcDir };
+}
+
+export interface SandboxInput {
+  /** Store path, e.g. `/nix/store/<hash>-busybox`. */
+  path: string;
+  /** Where the object lives on the host (`store.realPath`). */
+  hostPath: string;
+}
+
+export interface SandboxSpec {
+  dirs: SandboxDirs;
+  /** Store directory as the builder sees it. Default `/nix/store`. */
+  storeDir?: string;
+  /** The input closure. */
+  inputs: SandboxInput[];
+  /** Fixed-output builds keep the host network and get the host's resolver files. */
+  fixedOutput: boolean;
+  /** Builder path and arguments (latin1 strings). argv[0] is the builder path itself (bwrap has no --argv0). */
+  builder: string;
+  args: string[];
+  /** The builder's complete environment (latin1 strings). */
+  env: Map<string, string> | Record<string, string>;
+  /** Forbid creating user namespaces inside the sandbox. Default true. */
+  disableUserns?: boolean;
+  /** Host path of an extra read-only bind for tests/diagnostics: none by default. */
+  extraRoBinds?: Array<{ hostPath: string; path: string }>;
+}
+
+function parentsOf(path: string): string[] {
+  const out: string[] = [];
+  for (let p = dirname(path); p !== '/' && p !== '.'; p = dirname(p)) out.unshift(p);
+  return out;
+}
+
+/** The bubblewrap argument vector (latin1 strings): options, `--`, builder, arguments. */
+export function bwrapArgs(spec: SandboxSpec): string[] {
+  const { options, command } = bwrapParts(spec);
+  return [...options, '--', ...command];
+}
+
+function bwrapParts(spec: SandboxSpec): { options: string[]; command: string[] } {
+  const storeDir = spec.storeDir ?? '/nix/store';
+  const { dirs } = spec;
+  const a: string[] = [
+    '--unshare-user',
+    '--unshare-pid',
+    '--unshare-ipc',
+    '--unshare-uts',
+    ...(spec.fixedOutput ? [] : ['--unshare-net']),
+    ...(spec.disableUserns === false ? [] : ['--disable-userns']),
+    '--uid',
+    String(SANDBOX_UID),
+    '--gid',
+    String(SANDBOX_GID),
+    '--hostname',
+    'localhost',
+    '--die-with-parent',
+    '--new-session',
+    '--as-pid-1',
+    '--proc',
+    '/proc',
+    '--dev',
+    '/dev',
+    '--perms',
+    '1777',
+    '--tmpfs',
+    '/dev/shm',
+    '--remount-ro',
+    '/dev',
+    '--perms',
+    '1777',
+    '--tmpfs',
+    '/tmp',
+    '--bind',
+    dirs.buildDir,
+    SANDBOX_BUILD_DIR,
+    '--perms',
+    '0555',
+    '--dir',
+    '/etc',
+    '--ro-bind',
+    join(dirs.etcDir, 'passwd'),
+    '/etc/passwd',
+    '--ro-bind',
+    join(dirs.etcDir, 'group'),
+    '/etc/group',
+  ];
+  if (spec.fixedOutput) {
+    a.push('--ro-bind', join(dirs.etcDir, 'nsswitch.conf'), '/etc/nsswitch.conf');
+    for (const f of FIXED_OUTPUT_HOST_ETC) a.push('--ro-bind-try', f, f);
+  } else {
+    a.push('--ro-bind', join(dirs.etcDir, 'hosts'), '/etc/hosts');
+  }
+  for (const p of parentsOf(storeDir)) a.push('--perms', '0755', '--dir', p);
+  a.push('--bind', dirs.storeHostDir, storeDir);
+  const seen = new Set<string>();
+  for (const input of spec.inputs) {
+    const base = input.path.slice(input.path.lastIndexOf('/') + 1);
+    if (input.path !== `${storeDir}/${base}` || base === '' || base === '.' || base === '..') {
+      throw new SandboxError(`input '${input.path}' is not a path in ${storeDir}`);
+    }
+    if (seen.has(base)) continue;
+    seen.add(base);
+    let st: Stats;
+    try {
+      st = lstatSync(input.hostPath);
+    } catch (e) {
+      throw new SandboxError(
+        `store object '${input.path}' is missing on disk at '${input.hostPath}' (${(e as NodeJS.ErrnoException).code})`,
+      );
+    }
+    if (st.isSymbolicLink()) a.push('--symlink', readlinkSync(input.hostPath, 'latin1'), input.path);
+    else a.push('--ro-bind', input.hostPath, input.path);
+  }
+  for (const b of spec.extraRoBinds ?? []) a.push('--ro-bind', b.hostPath, b.path);
+  a.push('--remount-ro', '/', '--chdir', SANDBOX_BUILD_DIR, '--clearenv');
+  const env = spec.env instanceof Map ? [...spec.env] : Object.entries(spec.env);
+  for (const [k, v] of env) {
+    if (k === '' || k.includes('=')) throw new SandboxError(`invalid environment variable name '${k}'`);
+    a.push('--setenv', k, v);
+  }
+  const command = [spec.builder, ...spec.args];
+  for (const s of [...a, ...command]) {
+    if (s.includes('\0')) throw new SandboxError('a builder argument or environment value contains a NUL byte');
+  }
+  return { options: a, command };
+}
+
+export interface SandboxRunOptions {
+  uid: number;
+  gid: number;
+  /** Set the i686 personality (32-bit builds on x86_64), as Nix does. */
+  personality?: 'i686';
+}
+
+export interface SandboxProcess {
+  readonly child: ChildProcess;
+  /** The builder's stdout and stderr, merged into one stream. */
+  readonly output: Readable;
+  /**
+   * Resolves when bwrap has exited. `started`: the builder ran and exited by itself, `code` is then its exit status
+   * (128 + n if killed by signal n); false: sandbox setup failed (bwrap's message is in `output`) or it was killed.
+   */
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; started: boolean }>;
+  /** SIGKILL the whole sandbox. Safe to call repeatedly and after exit. */
+  kill(): void;
+}
+
+/**
+ * Host-side wrapper (bash, empty environment → C locale, so strings are bytes): read the builder's argv
+ * NUL-separated from fd 5 (bwrap's `--args` cannot carry the command), close every other inherited fd but stdio and
+ * bwrap's fds 3 and 4, no core dumps, then exec bwrap with stderr joined to stdout (one stream, one ordering — the
+ * builder's fds 1 and 2 are the same pipe, like Nix's).
+ */
+const WRAPPER = [
+  'mapfile -d "" -t cmd <&5 || exit 125',
+  'exec 5<&-',
+  'ulimit -c 0',
+  // biome-ignore lint/suspicious/noTemplateCurlyInString: bash code
+  'for f in /proc/$$/fd/*; do n=${f##*/}; case $n in 0|1|2|3|4) ;; *) eval "exec $n>&-" 2>/dev/null;; esac; done',
+  // biome-ignore lint/suspicious/noTemplateCurlyInString: bash code
+  'exec "$@" -- "${cmd[@]}" 2>&1',
+].join('\n');
+
+const nulJoin = (xs: string[]): Buffer => Buffer.concat(xs.map((s) => Buffer.from(`${s}\0`, 'latin1')));
+
+/** Start the builder in its sandbox as uid/gid. */
+export function spawnSandbox(spec: SandboxSpec, opts: SandboxRunOptions): SandboxProcess {
+  const { options, command } = bwrapParts(spec);
+  const argv = [
+    ...(opts.personality === 'i686' ? ['/usr/bin/setarch', 'i686', '--'] : []),
+    BWRAP,
+    '--args',
+    '3',
+    '--json-status-fd',
+    '4',
+  ];
+  const child = spawn('/bin/bash', ['-c', WRAPPER, 'buildbox-sandbox', ...argv], {
+    uid: opts.uid,
+    gid: opts.gid,
+    env: {},
+    cwd: '/',
+    detached: true,
+    stdio: ['ignore', 'pipe', 'ignore', 'pipe', 'pipe', 'pipe'],
+  });
+  const argsPipe = child.stdio[3] as Writable;
+  const statusPipe = child.stdio[4] as Readable;
+  const cmdPipe = (child.stdio as unknown as Array<Writable | null>)[5]!;
+  for (const [pipe, data] of [
+    [argsPipe, nulJoin(options)],
+    [cmdPipe, nulJoin(command)],
+  ] as const) {
+    pipe.on('error', () => {});
+    pipe.end(data);
+  }
+  let status = '';
+  statusPipe.setEncoding('utf8');
+  statusPipe.on('data', (d: string) => {
+    status += d;
+  });
+  statusPipe.on('error', () => {});
+  let exitedFlag = false;
+  const kill = (): void => {
+    if (exitedFlag || child.pid === undefined) return;
+    try {
+      process.kill(-child.pid, 'SIGKILL');
+    } catch {
+      try {
+        child.kill('SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+  };
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null; started: boolean }>((resolve) => {
+    child.on('error', (err) => {
+      exitedFlag = true;
+      status += `\n{"spawn-error": ${JSON.stringify(err.message)}}`;
+      resolve({ code: null, signal: null, started: false });
+    });
+    child.on('exit', (code, signal) => {
+      exitedFlag = true;
+      // Let the status pipe drain (bwrap wrote it before exiting).
+      // bwrap writes `{ "exit-code": N }` only when the builder itself ran and exited (not on setup failure).
+      const done = (): void => {
+        const m = /"exit-code"\s*:\s*(\d+)/.exec(status);
+        resolve({ code: m ? Number(m[1]) : code, signal, started: m !== null });
+      };
+      if (statusPipe.readableEnded || statusPipe.destroyed) done();
+      else {
+        statusPipe.once('close', done);
+        setTimeout(done, 200).unref();
+      }
+    });
+  });
+  const output = child.stdout as Readable;
+  return { child, output, exited, kill };
+}
+
+/**
+ * SIGKILL every process on the machine whose real, effective or saved uid is `uid` (the slot uid, used by nothing
+ * else), until none is left or `timeoutMs` has passed. Returns the number of distinct processes signalled; throws if
+ * some survive.
+ */
+export async function killUidProcesses(uid: number, timeoutMs = 2000): Promise<number> {
+  const signalled = new Set<number>();
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const pids = processesOfUid(uid);
+    if (pids.length === 0) return signalled.size;
+    if (Date.now() > deadline) {
+      throw new SandboxError(`processes of build uid ${uid} survive SIGKILL: ${pids.join(', ')}`);
+    }
+    for (const pid of pids) {
+      try {
+        process.kill(pid, 'SIGKILL');
+        signalled.add(pid);
+      } catch {
+        // raced with its exit
+      }
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** Pids of live (non-zombie) processes running with `uid` as real, effective or saved uid. */
+export function processesOfUid(uid: number): number[] {
+  const out: number[] = [];
+  let entries: string[];
+  try {
+    entries = readdirSync('/proc');
+  } catch {
+    return out;
+  }
+  for (const e of entries) {
+    if (!/^[0-9]+$/.test(e)) continue;
+    let status: string;
+    try {
+      status = readFileSync(`/proc/${e}/status`, 'utf8');
+    } catch {
+      continue;
+    }
+    const state = /^State:\s+(\S)/m.exec(status)?.[1];
+    if (state === 'Z' || state === 'X') continue;
+    const m = /^Uid:\s+(\d+)\s+(\d+)\s+(\d+)/m.exec(status);
+    if (!m) continue;
+    if (Number(m[1]) === uid || Number(m[2]) === uid || Number(m[3]) === uid) out.push(Number(e));
+  }
+  return out;
+}
