@@ -767,7 +767,7 @@ export class Store {
         }
         if (!this.sObject.get(hash)) {
           if (existsSync(objectPath)) removeTreeSync(objectPath); // stray leftover, unknown to the database
-          renameSync(src, objectPath);
+          renameTree(src, objectPath);
           moved = true;
           this.sInsertObject.run(hash, info.narSize, nowSeconds());
         }
@@ -799,7 +799,7 @@ export class Store {
     } catch (e) {
       if (moved) {
         try {
-          renameSync(objectPath, src);
+          renameTree(objectPath, src);
         } catch {
           removeTreeSync(objectPath);
         }
@@ -917,7 +917,7 @@ export class Store {
     } catch (e) {
       for (const m of movedIn.reverse()) {
         try {
-          renameSync(m.to, m.from);
+          renameTree(m.to, m.from);
         } catch {
           removeTreeSync(m.to);
         }
@@ -1082,7 +1082,7 @@ export class Store {
       mkdirSync(trash, { mode: 0o700 });
       for (const h of res.hashes) {
         try {
-          renameSync(join(this.objectsDir, h), join(trash, h));
+          renameTree(join(this.objectsDir, h), join(trash, h));
         } catch (e) {
           this.logger?.warn({ object: h, err: errorMessage(e) }, 'object directory missing at GC');
         }
@@ -1098,10 +1098,30 @@ export class Store {
   }
 }
 
+/**
+ * Rename a file system object to another directory. A read-only directory (canonical 0555) cannot be moved to a new
+ * parent by a non-root owner (its `..` entry must be rewritten), so it is made writable for the move and restored.
+ */
+function renameTree(from: string, to: string): void {
+  const st = lstatSync(from);
+  if (!st.isDirectory() || (st.mode & 0o200) !== 0) {
+    renameSync(from, to);
+    return;
+  }
+  chmodSync(from, st.mode | 0o200);
+  try {
+    renameSync(from, to);
+  } catch (e) {
+    chmodSync(from, st.mode & 0o7777);
+    throw e;
+  }
+  chmodSync(to, st.mode & 0o7777);
+}
+
 /** Move a tree into the store: a rename, or a copy (keeping modes, times and symlinks) across file systems. */
 function moveTree(from: string, to: string): void {
   try {
-    renameSync(from, to);
+    renameTree(from, to);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EXDEV') throw e;
     cpSync(from, to, { recursive: true, preserveTimestamps: true, verbatimSymlinks: true, errorOnExist: true });
