@@ -47,6 +47,7 @@ import {
   mkdirSync,
   mkdtempSync,
   readdirSync,
+  readFileSync,
   renameSync,
   rmSync,
 } from 'node:fs';
@@ -54,6 +55,7 @@ import { chmod, lstat, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import type { Logger } from 'pino';
+import { drvNameFromPath, parseDerivation } from './derivation.js';
 import { Hash, HashSink, hashStream } from './hash.js';
 import { dumpPath, parseNar, restoreNar } from './nar.js';
 import * as nix32 from './nix32.js';
@@ -169,6 +171,8 @@ export class HashMismatchError extends StoreError {
 }
 
 const SCHEMA_VERSION = 1;
+/** Larger `.drv` objects are not parsed for their outputs. */
+const MAX_DRV_NAR = 16 * 1024 * 1024;
 const PUBLIC = 'public';
 
 const SCHEMA = `
@@ -291,6 +295,7 @@ export class Store {
   private readonly logger: Logger | undefined;
   private readonly tempRoots = new Map<string, Set<string>>();
   private readonly droppedUsers = new Set<string>();
+  private readonly drvOutputsCache = new Map<string, string[]>();
   private holderSeq = 0;
   private closed = false;
 
@@ -527,14 +532,45 @@ export class Store {
     return [...out].sort();
   }
 
-  /** Registered outputs (valid in the view) whose deriver is `drvPath`. */
+  /**
+   * Outputs of `drvPath` that are valid in the view (sorted): the output paths the `.drv` (as in the view) declares,
+   * and registered paths whose deriver is `drvPath` — counting only deriver fields this user or the box wrote (their
+   * own rows, or build outputs registered by the box), since a deriver is not covered by signatures and another user
+   * could otherwise attach paths to someone's derivation.
+   */
   queryDerivationOutputs(user: string, drvPath: string): string[] {
     const uk = userKey(user);
-    const out: string[] = [];
-    for (const { path } of this.sByDeriver.all(drvPath, uk)) {
-      if (this.sViewRow.get(path, uk)?.deriver === drvPath) out.push(path);
+    const out = new Set<string>();
+    const drvRow = this.viewRow(user, drvPath);
+    if (drvRow && drvPath.endsWith('.drv')) {
+      for (const p of this.declaredOutputs(drvRow)) if (this.sViewRow.get(p, uk)) out.add(p);
     }
-    return out;
+    for (const { path } of this.sByDeriver.all(drvPath, uk)) {
+      const row = this.sViewRow.get(path, uk);
+      if (row?.deriver === drvPath && (row.scope === uk || row.ultimate !== 0)) out.add(path);
+    }
+    return [...out].sort();
+  }
+
+  /** Output paths named in a `.drv` object (cached by NAR hash); [] if it cannot be read as a derivation. */
+  private declaredOutputs(row: Row): string[] {
+    const cached = this.drvOutputsCache.get(row.nar_hash);
+    if (cached) return cached;
+    let outs: string[] = [];
+    const file = join(this.objectsDir, row.nar_hash);
+    try {
+      if (row.nar_size <= MAX_DRV_NAR && lstatSync(file).isFile()) {
+        const drv = parseDerivation(readFileSync(file, 'latin1'), drvNameFromPath(row.path, this.storeDir), {
+          storeDir: this.storeDir,
+        });
+        outs = [...drv.outputs.values()].map((o) => o.path).filter((p) => p !== '');
+      }
+    } catch (e) {
+      this.logger?.debug({ path: row.path, err: errorMessage(e) }, 'cannot read derivation outputs');
+    }
+    if (this.drvOutputsCache.size >= 4096) this.drvOutputsCache.clear();
+    this.drvOutputsCache.set(row.nar_hash, outs);
+    return outs;
   }
 
   stats(): StoreStats {

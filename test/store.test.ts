@@ -183,6 +183,20 @@ describe('import, query, export', () => {
     expect(store.queryDerivationOutputs('alice', Bdrv.info.path)).toEqual([B.info.path]);
     expect(store.queryReferrers('alice', A.info.path)).toEqual([Bdrv.info.path, B.info.path].sort());
     expect(() => store.queryClosure('alice', [`/nix/store/${'0'.repeat(32)}-nope`])).toThrow(/is not valid/);
+
+    // Outputs are found from the .drv itself even when the uploaded output names no deriver.
+    const s2 = openStore();
+    for (const f of [A, Bdrv]) await add(s2, 'bob', f);
+    await add(s2, 'bob', B, { deriver: null });
+    expect(s2.queryDerivationOutputs('bob', Bdrv.info.path)).toEqual([B.info.path]);
+    expect(s2.queryClosure('bob', [Bdrv.info.path], true)).toEqual([A.info.path, Bdrv.info.path, B.info.path].sort());
+    // A deriver claim is not signed: alice cannot attach her public upload to bob's derivation.
+    const s3 = openStore();
+    await add(s3, 'alice', signedA, { deriver: Bdrv.info.path });
+    await add(s3, 'bob', Bdrv);
+    expect(s3.queryPathInfo('bob', A.info.path)).toMatchObject({ scope: 'public', deriver: Bdrv.info.path });
+    expect(s3.queryDerivationOutputs('bob', Bdrv.info.path)).toEqual([]);
+    expect(s3.queryClosure('bob', [Bdrv.info.path], true)).toEqual([A.info.path, Bdrv.info.path].sort());
     expect(() => store.narFromPath('alice', `/nix/store/${'0'.repeat(32)}-nope`)).toThrow(StoreError);
   });
 
