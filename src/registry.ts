@@ -263,8 +263,17 @@ export async function analyzeRegistry(dirArg: string, opts: LoadOptions = {}): P
     if (top.kind === 'attrs') {
       base.form = 'attrs';
       const seen = new Set<string>();
+      const whole = new Map<string, Span>();
       for (const e of top.entries) {
         const name = e.path[0]!.name;
+        if (e.path.length === 1) {
+          // Nix merges `alice = { … }; alice = { … };` when the fields differ; in a registry it is a mistake.
+          const prev = whole.get(name);
+          if (prev) {
+            const msg = `user ${JSON.stringify(name)} is already defined at ${prev.line}:${prev.col}`;
+            add(file, e.path[0]!.span, 'error', 'duplicate-user', msg);
+          } else whole.set(name, e.path[0]!.span);
+        }
         if (seen.has(name)) continue;
         seen.add(name);
         const f = top.fields.get(name)!;
@@ -307,6 +316,7 @@ export async function analyzeRegistry(dirArg: string, opts: LoadOptions = {}): P
 
   // Interpret each entry.
   const byKeyFile = new Map<string, string>();
+  const referenced = new Set<string>();
   const byBlob = new Map<string, { user: string; file: string; line: number }>();
   const keyDir = join(dirname(file), 'keys');
   const firstEntryOf = new Map<string, RegistryEntry>();
@@ -395,7 +405,6 @@ export async function analyzeRegistry(dirArg: string, opts: LoadOptions = {}): P
           user.extra[fname] = toPlain(fv);
       }
     }
-    if (!ok) return undefined;
     if (!keysPath) {
       if (!v.fields.has('keys')) {
         add(
@@ -408,8 +417,9 @@ export async function analyzeRegistry(dirArg: string, opts: LoadOptions = {}): P
       }
       return undefined;
     }
+    // The key file is read (and linted) even for an invalid entry: it is referenced, and its problems are real.
     const loaded = await loadKeyFile(user, keysPath);
-    return loaded ? user : undefined;
+    return loaded && ok ? user : undefined;
   }
 
   async function loadKeyFile(user: User, keysPath: { value: string; span: Span }): Promise<boolean> {
@@ -425,6 +435,7 @@ export async function analyzeRegistry(dirArg: string, opts: LoadOptions = {}): P
       return false;
     }
     const abs = resolve(dirname(file), keysPath.value);
+    referenced.add(abs);
     const rel = displayPath(abs, dir);
     let real: string;
     try {
@@ -523,10 +534,12 @@ export async function analyzeRegistry(dirArg: string, opts: LoadOptions = {}): P
   } catch {
     // no keys/ directory
   }
+  // When users.nix does not parse, nobody can be said to use a file: lint every key file on its own instead.
+  const unparsed = top === undefined;
   for (const n of names) {
     if (n.startsWith('.')) continue;
     const abs = join(keyDir, n);
-    if (keyFiles.has(abs)) continue;
+    if (keyFiles.has(abs) || referenced.has(abs)) continue;
     let st: Awaited<ReturnType<typeof lstat>>;
     try {
       st = await lstat(abs);
@@ -536,21 +549,26 @@ export async function analyzeRegistry(dirArg: string, opts: LoadOptions = {}): P
     if (!st.isFile()) continue;
     const entry: { users: string[]; result?: AuthorizedKeysResult } = { users: [] };
     keyFiles.set(abs, entry);
-    add(
-      abs,
-      { line: 1, col: 1 },
-      'error',
-      'unreferenced-key-file',
-      `key file ${displayPath(abs, dir)} is not used by any user in ${displayPath(file, dir)}`,
-    );
+    if (!unparsed) {
+      add(
+        abs,
+        { line: 1, col: 1 },
+        'error',
+        'unreferenced-key-file',
+        `key file ${displayPath(abs, dir)} is not used by any user in ${displayPath(file, dir)}`,
+      );
+    }
     if (st.size <= MAX_KEY_FILE_BYTES) {
       try {
         entry.result = parseAuthorizedKeys(await readFile(abs), now);
-        for (const p of entry.result.problems) {
-          if (p.kind === 'private-key') add(abs, p, 'error', 'private-key', p.message);
+        if (unparsed) reportKeyProblems(abs, entry.result);
+        else {
+          for (const p of entry.result.problems) {
+            if (p.kind === 'private-key') add(abs, p, 'error', 'private-key', p.message);
+          }
         }
       } catch {
-        // unreadable: already reported as unreferenced
+        // unreadable
       }
     }
   }

@@ -155,6 +155,7 @@ describe('loading', () => {
       'users.nix:4:20: key file keys/carol of user "carol" does not exist',
       'users.nix:5:3: user "dave" has no key file (add keys = ./keys/dave;)',
       'users.nix:6:3: invalid user name "bad name": a unix login name uses only A-Z a-z 0-9 . _ -',
+      'users.nix:6:25: key file keys/bob is already used by user "bob"',
       'users.nix:7:19: `keys` must be a relative path inside the registry (./keys/erin)',
       'users.nix:8:20: key file keys/link points outside the registry directory',
     ]);
