@@ -4,6 +4,8 @@
  * `buildbox --help` stays fast and a broken optional part never stops the others.
  */
 import { Command, CommanderError } from 'commander';
+import { registerServeCommands } from './commands/serve.js';
+import { registerUsersCommands } from './commands/users.js';
 import { VERSION } from './version.js';
 
 export class UsageError extends Error {
@@ -25,6 +27,8 @@ export function buildProgram(): Command {
     )
     .version(VERSION, '-V, --version')
     .showHelpAfterError();
+  registerServeCommands(program);
+  registerUsersCommands(program);
   return program;
 }
 

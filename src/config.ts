@@ -3,7 +3,7 @@
  * errors reported as `file:line: message`, so a typo never silently falls back to a default.
  */
 import { readFileSync } from 'node:fs';
-import { availableParallelism } from 'node:os';
+import { availableParallelism, hostname } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import { parse as parseToml } from 'smol-toml';
 
@@ -87,7 +87,7 @@ export function defaultConfig(cwd = process.cwd()): Config {
     maxConnections: 1000,
     statusListen: '127.0.0.1',
     statusPort: 8222,
-    hostName: 'buildbox',
+    hostName: hostname().split('.')[0] || 'buildbox',
     source: null,
   };
 }

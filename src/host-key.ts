@@ -5,7 +5,9 @@
 import { createHash } from 'node:crypto';
 import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { utils } from 'ssh2';
+import ssh2 from 'ssh2';
+
+const { utils } = ssh2; // ssh2 is CommonJS: named imports do not work under plain Node ESM
 
 export interface HostKey {
   /** OpenSSH private key text, for the SSH server. */

@@ -17,7 +17,7 @@ export function nixEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
     PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
     HOME: process.env.HOME ?? '/root',
     NIX_REMOTE: '',
-    NIX_CONFIG: 'experimental-features = nix-command\nsubstituters =\nsandbox = false\n',
+    NIX_CONFIG: 'experimental-features = nix-command\nsubstituters =\nsandbox = false\nbuild-users-group =\n',
     ...extra,
   };
 }

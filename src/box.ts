@@ -1,0 +1,180 @@
+/**
+ * Assembling a running box from its config: host key, signing key, store (wiped unless persist), users registry
+ * (reloaded on change or followed from git), scheduler, builder, the SSH front door, the unix socket for the OpenSSH
+ * front door, and the HTTP status server.
+ */
+import { existsSync, mkdirSync, statSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import type { Logger } from 'pino';
+import { Builder } from './build.js';
+import type { Config } from './config.js';
+import { runCommand } from './dispatch.js';
+import { type HostKey, loadOrCreateHostKey } from './host-key.js';
+import { Registry } from './registry-runtime.js';
+import { Scheduler } from './scheduler.js';
+import { loadPublicKey, loadSecretKey, type PublicKey, SecretKey, savePublicKey, saveSecretKey } from './signing.js';
+import { type SshServerHandle, startSshServer } from './ssh-server.js';
+import { type StatusServerHandle, startStatusServer } from './status-server.js';
+import { Store } from './store.js';
+
+export interface Box {
+  config: Config;
+  hostKey: HostKey;
+  signingKey: SecretKey;
+  store: Store;
+  registry: Registry;
+  scheduler: Scheduler;
+  builder: Builder;
+  ssh: SshServerHandle;
+  status: StatusServerHandle | null;
+  port: number;
+  logger: Logger;
+  startedAt: number;
+  close(): Promise<void>;
+}
+
+export const SIGNING_KEY_FILE = 'signing-key.sec';
+
+/** The box's signing key for public outputs it built: `buildbox-<host>-1`, generated once next to the host key. */
+export function loadOrCreateSigningKey(stateDir: string, hostName: string): SecretKey {
+  mkdirSync(stateDir, { recursive: true });
+  const file = join(stateDir, SIGNING_KEY_FILE);
+  if (!existsSync(file)) {
+    const key = SecretKey.generate(`buildbox-${hostName}-1`);
+    saveSecretKey(file, key);
+    savePublicKey(join(stateDir, 'signing-key.pub'), key.publicKey);
+  }
+  return loadSecretKey(file);
+}
+
+export function readSigningPublicKey(stateDir: string): PublicKey | undefined {
+  const file = join(stateDir, 'signing-key.pub');
+  return existsSync(file) ? loadPublicKey(file) : undefined;
+}
+
+/**
+ * Builds run as unprivileged slot uids, which must reach the store objects and build directories under the state
+ * dir: every parent directory needs search permission for others. Returns the first one that lacks it.
+ */
+export function unreachableParent(dir: string): string | undefined {
+  let d = resolve(dir);
+  for (;;) {
+    try {
+      if ((statSync(d).mode & 0o001) === 0) return d;
+    } catch {
+      return d;
+    }
+    const up = dirname(d);
+    if (up === d) return undefined;
+    d = up;
+  }
+}
+
+export async function startBox(config: Config, logger: Logger): Promise<Box> {
+  mkdirSync(config.stateDir, { recursive: true, mode: 0o755 });
+  const blocked = unreachableParent(config.stateDir);
+  if (blocked) {
+    throw new Error(
+      `the state directory ${config.stateDir} is not reachable by the unprivileged build users: ${blocked} is not ` +
+        'searchable by others (chmod o+x it, or use a state dir such as /var/lib/buildbox with --state-dir)',
+    );
+  }
+  const hostKey = loadOrCreateHostKey(config.stateDir);
+  const signingKey = loadOrCreateSigningKey(config.stateDir, config.hostName);
+  const registry = await Registry.start(config, logger.child({ part: 'registry' }));
+  const store = Store.open({
+    stateDir: config.stateDir,
+    persist: config.persist,
+    trustedPublicKeys: config.trustedPublicKeys,
+    signingKey,
+    shareContentAddressed: config.shareContentAddressed,
+    knownUsers: (u) => registry.knownUsers().has(u),
+    logger: logger.child({ part: 'store' }),
+  });
+  // Disk-budget GC: by reachability from live sessions' and builds' roots and recent use, never what a build holds.
+  let gcRunning = false;
+  const gcTimer = setInterval(
+    () => {
+      if (gcRunning) return;
+      gcRunning = true;
+      store
+        .gc({ retentionSeconds: config.retention, maxBytes: config.maxStoreSize || undefined })
+        .then((r) => {
+          if (r.deletedPaths > 0) logger.info(r, 'garbage collected');
+        })
+        .catch((e: Error) => logger.error({ err: e.message }, 'garbage collection failed'))
+        .finally(() => {
+          gcRunning = false;
+        });
+    },
+    Math.max(10, Math.min(config.retention, 300)) * 1000,
+  );
+  gcTimer.unref();
+  const scheduler = new Scheduler({ maxJobs: config.maxJobs, userLimit: (u) => registry.jobsLimit(u) });
+  const builder = new Builder({
+    store,
+    scheduler,
+    config: {
+      system: config.system,
+      extraPlatforms: config.extraPlatforms,
+      features: config.supportedFeatures,
+      mandatoryFeatures: config.mandatoryFeatures,
+      cores: config.cores,
+      maxSilentTime: config.maxSilentTime,
+      buildTimeout: config.buildTimeout,
+      maxLogSize: config.maxLogSize,
+      logDir: join(config.stateDir, 'logs'),
+      buildDirRoot: join(config.stateDir, 'builds'),
+    },
+    logger: logger.child({ part: 'build' }),
+  });
+  const ctx = { store, builder, logger };
+  const ssh = await startSshServer({
+    hostKey,
+    listen: config.listen,
+    port: config.port,
+    isAuthorized: (user, algo, blob) => registry.isAuthorized(user, algo, blob),
+    exec: (req) => runCommand(ctx, req),
+    authTimeoutMs: config.authTimeout * 1000,
+    maxConnections: config.maxConnections,
+    logger: logger.child({ part: 'ssh' }),
+  });
+  const startedAt = Date.now();
+  const box: Box = {
+    config,
+    hostKey,
+    signingKey,
+    store,
+    registry,
+    scheduler,
+    builder,
+    ssh,
+    status: null,
+    port: ssh.port,
+    logger,
+    startedAt,
+    close: async () => {
+      clearInterval(gcTimer);
+      await ssh.close();
+      await box.status?.close();
+      await builder.close?.();
+      registry.close();
+      store.close();
+    },
+  };
+  if (config.statusPort !== null) {
+    box.status = await startStatusServer(box, config.statusListen, config.statusPort);
+  }
+  logger.info(
+    {
+      listen: `${ssh.address}:${ssh.port}`,
+      fingerprint: hostKey.fingerprint,
+      signingKey: signingKey.publicKey.toString(),
+      stateDir: config.stateDir,
+      persist: config.persist,
+      users: registry.userCount(),
+    },
+    'buildbox is up',
+  );
+  return box;
+}

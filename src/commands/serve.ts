@@ -1,0 +1,91 @@
+/** `buildbox serve` and `buildbox fingerprint`. */
+import type { Command } from 'commander';
+import { readSigningPublicKey, startBox } from '../box.js';
+import { type Config, loadConfig } from '../config.js';
+import { knownHostsLine, loadOrCreateHostKey } from '../host-key.js';
+import { createLogger } from '../logger.js';
+
+interface CommonOpts {
+  config?: string;
+  stateDir?: string;
+}
+
+function configFrom(opts: CommonOpts & { listen?: string; port?: string; persist?: boolean }): Config {
+  const overrides: Partial<Config> = {};
+  const c = loadConfig(opts.config ?? null);
+  if (opts.stateDir) overrides.stateDir = opts.stateDir;
+  if (opts.listen) overrides.listen = opts.listen;
+  if (opts.port !== undefined) {
+    const n = Number(opts.port);
+    if (!Number.isInteger(n) || n < 0 || n > 65535) throw new Error(`--port must be a port number, got '${opts.port}'`);
+    overrides.port = n;
+  }
+  if (opts.persist) overrides.persist = true;
+  return { ...c, ...overrides, stateDir: overrides.stateDir ? resolvePath(overrides.stateDir) : c.stateDir };
+}
+
+function resolvePath(p: string): string {
+  return p.startsWith('/') ? p : `${process.cwd()}/${p}`;
+}
+
+export function registerServeCommands(program: Command): void {
+  program
+    .command('serve')
+    .description('run the box: SSH front door for ssh:// and ssh-ng:// clients, builds, status page')
+    .option('-c, --config <file>', 'TOML config file (default: embedded defaults)')
+    .option('--state-dir <dir>', 'state directory (default ./.buildbox)')
+    .option('--listen <address>', 'address to listen on (default 127.0.0.1)')
+    .option('-p, --port <port>', 'SSH port (default 2222)')
+    .option('--persist', 'keep the store across restarts (default: wiped at every start)')
+    .action(async (opts: CommonOpts & { listen?: string; port?: string; persist?: boolean }) => {
+      const config = configFrom(opts);
+      const logger = createLogger();
+      const box = await startBox(config, logger);
+      const host = config.listen === '0.0.0.0' || config.listen === '::' ? 'HOST' : config.listen;
+      process.stderr.write(
+        `buildbox listening on ${box.ssh.address}:${box.port}\n` +
+          `host key fingerprint: ${box.hostKey.fingerprint}\n` +
+          `known_hosts line:     ${knownHostsLine(box.hostKey, host, box.port)}\n` +
+          `signing public key:   ${box.signingKey.publicKey.toString()}\n` +
+          (box.status ? `status page:          http://${config.statusListen}:${box.status.port}/\n` : ''),
+      );
+      await new Promise<void>((resolve) => {
+        const stop = (sig: string) => {
+          logger.info({ signal: sig }, 'shutting down');
+          box.close().then(resolve, resolve);
+        };
+        process.once('SIGINT', () => stop('SIGINT'));
+        process.once('SIGTERM', () => stop('SIGTERM'));
+        process.on('SIGHUP', () => {
+          logger.info('SIGHUP: reloading the registry');
+          box.registry.reload().catch((e: Error) => logger.error({ err: e.message }, 'reload failed'));
+        });
+      });
+    });
+
+  program
+    .command('fingerprint')
+    .description("print the box's host key fingerprint, known_hosts line and signing public key")
+    .option('-c, --config <file>', 'TOML config file')
+    .option('--state-dir <dir>', 'state directory (default ./.buildbox)')
+    .option('--host <name>', 'host name clients use, for the known_hosts line')
+    .option('-p, --port <port>', 'SSH port clients use')
+    .option('--json', 'machine-readable output')
+    .action((opts: CommonOpts & { host?: string; port?: string; json?: boolean }) => {
+      const config = configFrom({ config: opts.config, stateDir: opts.stateDir, port: opts.port });
+      const hostKey = loadOrCreateHostKey(config.stateDir);
+      const signing = readSigningPublicKey(config.stateDir);
+      const host = opts.host ?? (config.listen === '0.0.0.0' ? 'HOST' : config.listen);
+      const line = knownHostsLine(hostKey, host, config.port);
+      if (opts.json) {
+        process.stdout.write(
+          `${JSON.stringify({ fingerprint: hostKey.fingerprint, publicKey: hostKey.publicKey, knownHosts: line, signingKey: signing?.toString() ?? null })}\n`,
+        );
+        return;
+      }
+      process.stdout.write(
+        `host key fingerprint: ${hostKey.fingerprint}\nknown_hosts line:     ${line}\n` +
+          `signing public key:   ${signing?.toString() ?? '(not generated yet: start the box once)'}\n`,
+      );
+    });
+}

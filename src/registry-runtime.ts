@@ -1,0 +1,129 @@
+/**
+ * The registry as the running box uses it: a directory followed for changes (RegistryWatcher), or a git repository
+ * followed by fetching (GitRegistrySource) whose checked commits are applied. The rest of the box only asks the
+ * questions below, so it never cares where the registry came from.
+ */
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import type { Config } from './config.js';
+import {
+  findUserKey,
+  formatProblem,
+  type Registry as RegistryData,
+  type RegistryError,
+  RegistryWatcher,
+} from './registry.js';
+
+export interface RegistryStatus {
+  source: string;
+  users: number;
+  loadedAt: string;
+  digest: string;
+  problems: number;
+  lastError: string | null;
+  [k: string]: unknown;
+}
+
+interface Follower {
+  readonly registry: RegistryData;
+  reload(): Promise<unknown>;
+  close(): void | Promise<void>;
+  status?(): Record<string, unknown>;
+}
+
+interface GitSource extends Follower {
+  start(): Promise<unknown>;
+  status(): Record<string, unknown>;
+}
+type GitSourceClass = new (opts: {
+  url: string;
+  branch: string;
+  intervalSeconds: number;
+  dir: string;
+  logger: Logger;
+}) => GitSource;
+
+export class Registry {
+  private constructor(
+    private readonly follower: Follower,
+    private readonly sourceName: string,
+    private readonly lastErrorOf: () => string | null,
+  ) {}
+
+  static async start(config: Config, logger: Logger): Promise<Registry> {
+    if (config.registry.git) {
+      // Loaded only when configured; the module follows a git repository and applies commits that pass the check.
+      const gitModule = './registry-git.js';
+      const { GitRegistrySource } = (await import(gitModule)) as { GitRegistrySource: GitSourceClass };
+      const src = new GitRegistrySource({
+        url: config.registry.git,
+        branch: config.registry.branch,
+        intervalSeconds: config.registry.interval,
+        dir: join(config.stateDir, 'registry-git'),
+        logger,
+      });
+      await src.start();
+      return new Registry(src, `git ${config.registry.git} (${config.registry.branch})`, () => {
+        const st = src.status() as { lastError?: { message?: string } | string | null };
+        return typeof st.lastError === 'string' ? st.lastError : (st.lastError?.message ?? null);
+      });
+    }
+    const watcher = await RegistryWatcher.start({ dir: config.registry.path, logger });
+    watcher.on('rejected', (e: RegistryError) =>
+      logger.error(
+        { err: e.message, problems: e.problems.map((p) => formatProblem(p)) },
+        'registry edit rejected; keeping the last good registry',
+      ),
+    );
+    watcher.on('change', (r: RegistryData) => logger.info({ users: r.users.size }, 'registry reloaded'));
+    return new Registry(watcher, config.registry.path, () => {
+      const e = watcher.lastError;
+      if (!e) return null;
+      return [e.message, ...e.problems.filter((p) => p.severity === 'error').map((p) => formatProblem(p))].join('\n');
+    });
+  }
+
+  private get data(): RegistryData {
+    return this.follower.registry;
+  }
+
+  isAuthorized(user: string, keyAlgo: string, keyBlob: Buffer): boolean {
+    return findUserKey(this.data, user, keyAlgo, keyBlob) !== undefined;
+  }
+
+  jobsLimit(user: string): number | undefined {
+    return this.data.users.get(user)?.jobs;
+  }
+
+  userCount(): number {
+    return this.data.users.size;
+  }
+
+  knownUsers(): Set<string> {
+    return new Set(this.data.users.keys());
+  }
+
+  get registry(): RegistryData {
+    return this.data;
+  }
+
+  status(): RegistryStatus {
+    return {
+      ...(this.follower.status?.() ?? {}),
+      source: this.sourceName,
+      users: this.data.users.size,
+      loadedAt: this.data.loadedAt.toISOString(),
+      digest: this.data.digest,
+      problems: this.data.problems.length,
+      lastError: this.lastErrorOf(),
+    };
+  }
+
+  async reload(): Promise<void> {
+    await this.follower.reload();
+  }
+
+  close(): void {
+    void this.follower.close();
+  }
+}
