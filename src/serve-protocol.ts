@@ -93,9 +93,11 @@ async function serveLoop(
   opts: { write: boolean },
   st: ServeStats,
 ): Promise<void> {
-  const magic = await r.readU64('serve protocol magic');
-  if (magic !== SERVE_MAGIC_1) {
-    throw new ProtocolError(`protocol mismatch: expected the 'nix-store --serve' magic, got 0x${magic.toString(16)}`);
+  const magic = await r.readBigU64('serve protocol magic');
+  if (magic !== BigInt(SERVE_MAGIC_1)) {
+    throw new ProtocolError(
+      `protocol mismatch: expected the 'nix-store --serve' magic 0x${SERVE_MAGIC_1.toString(16)}, got 0x${magic.toString(16)}`,
+    );
   }
   w.u64(SERVE_MAGIC_2).u64(SERVE_PROTOCOL_VERSION);
   await w.flush();

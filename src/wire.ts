@@ -40,7 +40,15 @@ export class WireReader {
   readonly limits: WireLimits;
 
   constructor(source: ByteSource, limits: Partial<WireLimits> = {}) {
-    this.it = source[Symbol.asyncIterator]();
+    // A Readable's default iterator destroys the stream when it ends, which for an SSH channel or socket would also
+    // close the sending side before the reply and exit status are out; keep the stream alive instead.
+    const withOptions = source as {
+      iterator?: (o: { destroyOnReturn: boolean }) => AsyncIterator<Buffer | Uint8Array | string>;
+    };
+    this.it =
+      typeof withOptions.iterator === 'function'
+        ? withOptions.iterator({ destroyOnReturn: false })
+        : source[Symbol.asyncIterator]();
     this.limits = { ...DEFAULT_LIMITS, ...limits };
   }
 
@@ -107,6 +115,21 @@ export class WireReader {
     this.pos += n;
     this.offset += n;
     return out;
+  }
+
+  /**
+   * The bytes received and not yet consumed, without consuming them (possibly none). With `consume`, a synchronous
+   * fast path for parsers of many small tokens (NAR); the view is valid until the next read.
+   */
+  peekBuffered(): Buffer {
+    return this.buf.subarray(this.pos);
+  }
+
+  /** Consume `n` bytes that are already buffered. */
+  consume(n: number): void {
+    if (n > this.buffered) throw new RangeError(`cannot consume ${n} bytes, only ${this.buffered} are buffered`);
+    this.pos += n;
+    this.offset += n;
   }
 
   /** A u64 as a JS number; values ≥ 2^53 are refused rather than silently rounded. */
