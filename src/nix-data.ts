@@ -167,6 +167,8 @@ export class SourceText {
 
 const PLAIN = '(plain data only)';
 const MAX_ERRORS = 200;
+/** Deeper nesting than this is refused (hostile input must not exhaust the stack). */
+export const MAX_NESTING = 64;
 
 const KEYWORDS = new Set(['if', 'then', 'else', 'assert', 'with', 'let', 'in', 'rec', 'inherit', 'or']);
 
@@ -526,6 +528,8 @@ class Parser {
   private i = 0;
   /** Open containers, innermost last: used to tell a stray closer from one that closes an outer container. */
   private readonly open: string[] = [];
+  /** Parsing stopped (too deep): nothing after this is worth reporting. */
+  fatal = false;
 
   constructor(
     private readonly toks: Tok[],
@@ -650,6 +654,12 @@ class Parser {
         return this.identifierValue(t, ctx, fail);
       case 'op':
         break;
+    }
+    if ((t.s === '{' || t.s === '[') && this.open.length >= MAX_NESTING) {
+      this.err(t.start, `nested deeper than ${MAX_NESTING} levels`);
+      this.fatal = true;
+      this.i = this.toks.length - 1;
+      return undefined;
     }
     switch (t.s) {
       case '{':
@@ -1028,7 +1038,12 @@ export function parseNixData(input: string | Buffer, file = '<input>'): NixParse
     if (lexer.truncated && (offset === eof || msg.startsWith('unclosed') || msg.endsWith('end of file'))) return;
     err(offset, msg);
   };
-  const value = new Parser(toks, source, parseErr).parseTop();
+  let parser: Parser | undefined;
+  const guarded = (offset: number, msg: string) => {
+    if (!parser?.fatal) parseErr(offset, msg);
+  };
+  parser = new Parser(toks, source, guarded);
+  const value = parser.parseTop();
   errors.sort((a, b) => a.offset - b.offset);
   return { value, errors, source };
 }

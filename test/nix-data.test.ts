@@ -254,6 +254,15 @@ describe('syntax errors', () => {
     expect(parseNixData(text, 'users.nix').errors.map((e) => e.message)).toEqual(expected);
   });
 
+  test('hostile nesting is refused, not a stack overflow', () => {
+    const deep = `${'['.repeat(100000)}${']'.repeat(100000)}`;
+    expect(errorsOf(deep)).toEqual(['users.nix:1:65: nested deeper than 64 levels']);
+    const ok64 = `${'['.repeat(64)}${']'.repeat(64)}`;
+    expect(errorsOf(ok64)).toEqual([]);
+    const sets = `${'{ a = '.repeat(100)}1${'; }'.repeat(100)}`;
+    expect(errorsOf(sets)).toEqual(['users.nix:1:385: nested deeper than 64 levels']);
+  });
+
   test('many errors are collected in one pass, in source order', () => {
     const text = [
       '{',

@@ -1,3 +1,4 @@
+import { join } from 'node:path';
 import { Command } from 'commander';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { registerUsersCommands } from '../src/commands/users.js';
@@ -5,6 +6,7 @@ import { renderAttrName } from '../src/nix-data.js';
 import { formatProblem } from '../src/registry.js';
 import { checkRegistry, compareUserNames, githubAnnotation, runUsersCheck } from '../src/registry-check.js';
 import { tempDir } from './helpers/exec.js';
+import { nix28, REPO } from './helpers/nix.js';
 import { makeKeys, type TestKeys, writeTree } from './registry-fixtures.js';
 
 let K: TestKeys;
@@ -403,6 +405,23 @@ describe('real nix-community-style registries pass', () => {
       'keys/aszlig:1: user "aszlig": cert-authority key: not usable by the built-in server; use the OpenSSH front door',
       'keys/grahamc:5: user "grahamc": security-key (FIDO) key `sk-ecdsa-sha2-nistp256@openssh.com`: not usable by the built-in server; use the OpenSSH front door',
     ]);
+  });
+
+  test('the shipped example registry passes --strict --require-vouch, and real Nix reads its users.nix', async () => {
+    const dir = join(REPO, 'examples', 'registry');
+    const r = await checkRegistry(dir, { strict: true, requireVouch: true });
+    expect(r.problems.map((p) => formatProblem(p, dir))).toEqual([]);
+    expect([...r.analysis!.users.keys()]).toEqual(['0x4A6F', 'ada', 'bob', 'carol']);
+    expect(r.notes.map((n) => n.message)).toEqual([
+      'user "carol": security-key (FIDO) key `sk-ssh-ed25519@openssh.com`: not usable by the built-in server; use the OpenSSH front door',
+    ]);
+    const nix = await nix28('nix-instantiate', [
+      '--eval',
+      '--strict',
+      '--expr',
+      `builtins.attrNames (import ${dir}/users.nix)`,
+    ]);
+    expect(nix.stdout.trim()).toBe('[ "0x4A6F" "ada" "bob" "carol" ]');
   });
 
   test('name order is case-insensitive like the community file', () => {
