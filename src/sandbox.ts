@@ -26,11 +26,14 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import {
   chmodSync,
   chownSync,
+  closeSync,
   lstatSync,
   mkdirSync,
+  openSync,
   readdirSync,
   readFileSync,
   readlinkSync,
+  renameSync,
   type Stats,
   writeFileSync,
 } from 'node:fs';
@@ -114,11 +117,16 @@ export interface SandboxSpec {
   inputs: SandboxInput[];
   /** Fixed-output builds keep the host network and get the host's resolver files. */
   fixedOutput: boolean;
-  /** Builder path and arguments (latin1 strings). argv[0] is the builder path itself (bwrap has no --argv0). */
+  /**
+   * Builder path and arguments (latin1 strings). With an exec helper (see `writeExecHelper`) the builder gets
+   * argv[0] = basename(builder) as under Nix; without one (bwrap 0.8 has no --argv0) argv[0] is the builder path.
+   */
   builder: string;
   args: string[];
   /** The builder's complete environment (latin1 strings). */
   env: Map<string, string> | Record<string, string>;
+  /** Host path of the exec helper (`writeExecHelper`); absent: argv[0] is the builder path. */
+  execHelper?: string;
   /** Forbid creating user namespaces inside the sandbox. Default true. */
   disableUserns?: boolean;
   /** Host path of an extra read-only bind for tests/diagnostics: none by default. */
@@ -218,7 +226,14 @@ function bwrapParts(spec: SandboxSpec): { options: string[]; command: string[] }
     if (k === '' || k.includes('=')) throw new SandboxError(`invalid environment variable name '${k}'`);
     a.push('--setenv', k, v);
   }
-  const command = [spec.builder, ...spec.args];
+  const command = spec.execHelper
+    ? [
+        `/proc/self/fd/${EXEC_HELPER_FD}`,
+        spec.builder,
+        spec.builder.slice(spec.builder.lastIndexOf('/') + 1),
+        ...spec.args,
+      ]
+    : [spec.builder, ...spec.args];
   for (const s of [...a, ...command]) {
     if (s.includes('\0')) throw new SandboxError('a builder argument or environment value contains a NUL byte');
   }
@@ -248,24 +263,84 @@ export interface SandboxProcess {
 /**
  * Host-side wrapper (bash, empty environment → C locale, so strings are bytes): read the builder's argv
  * NUL-separated from fd 5 (bwrap's `--args` cannot carry the command), close every other inherited fd but stdio and
- * bwrap's fds 3 and 4, no core dumps, then exec bwrap with stderr joined to stdout (one stream, one ordering — the
+ * bwrap's fds 3 and 4, no core dumps, umask 022 (as Nix), then exec bwrap with stderr joined to stdout (one stream, one ordering — the
  * builder's fds 1 and 2 are the same pipe, like Nix's).
  */
 const WRAPPER = [
   'mapfile -d "" -t cmd <&5 || exit 125',
   'exec 5<&-',
   'ulimit -c 0',
+  'umask 022',
   // biome-ignore lint/suspicious/noTemplateCurlyInString: bash code
-  'for f in /proc/$$/fd/*; do n=${f##*/}; case $n in 0|1|2|3|4) ;; *) eval "exec $n>&-" 2>/dev/null;; esac; done',
+  'for f in /proc/$$/fd/*; do n=${f##*/}; case $n in 0|1|2|3|4|6) ;; *) eval "exec $n>&-" 2>/dev/null;; esac; done',
   // biome-ignore lint/suspicious/noTemplateCurlyInString: bash code
   'exec "$@" -- "${cmd[@]}" 2>&1',
 ].join('\n');
 
 const nulJoin = (xs: string[]): Buffer => Buffer.concat(xs.map((s) => Buffer.from(`${s}\0`, 'latin1')));
 
+/**
+ * The exec helper: a 228-byte static x86_64 ELF program that bwrap runs as `/proc/self/fd/6` with argv
+ * `[helper, builder, argv0, args…]`. It closes fd 6 and does `execve(builder, [argv0, args…], envp)`, so the builder
+ * starts exactly as Nix starts it (argv[0] = basename of the builder, no extra fd, nothing extra in the file system);
+ * if execve fails it prints "error: cannot execute the builder" and exits 1. Machine code (intel syntax):
+ *   mov edi,6; mov eax,3; syscall                         close(6)
+ *   mov rdi,[rsp+16]; lea rsi,[rsp+24]                    argv[1], &argv[2]
+ *   mov rax,[rsp]; lea rdx,[rsp+rax*8+16]                 envp = &argv[argc + 1]
+ *   mov eax,59; syscall                                   execve
+ *   mov edi,2; lea rsi,[rip+msg]; mov edx,34; mov eax,1; syscall; mov edi,1; mov eax,60; syscall
+ */
+const EXEC_HELPER_CODE_X64 =
+  'bf06000000b8030000000f05488b7c2410488d742418488b0424488d54c410b83b0000000f05bf02000000488d3518000000ba22000000' +
+  'b8010000000f05bf01000000b83c0000000f056572726f723a2063616e6e6f74206578656375746520746865206275696c6465720a';
+const EXEC_HELPER_FD = 6;
+
+/** The exec helper as an ELF file for this machine, or undefined if there is none for its architecture. */
+export function execHelperElf(): Buffer | undefined {
+  if (process.arch !== 'x64') return undefined;
+  const code = Buffer.from(EXEC_HELPER_CODE_X64, 'hex');
+  const base = 0x400000;
+  const hdr = Buffer.alloc(64 + 56);
+  Buffer.from([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0]).copy(hdr, 0); // ELF, 64-bit, little-endian, version 1, SysV
+  hdr.writeUInt16LE(2, 16); // ET_EXEC
+  hdr.writeUInt16LE(0x3e, 18); // x86-64
+  hdr.writeUInt32LE(1, 20);
+  hdr.writeBigUInt64LE(BigInt(base + hdr.length), 24); // entry
+  hdr.writeBigUInt64LE(64n, 32); // program headers right after this header
+  hdr.writeUInt16LE(64, 52);
+  hdr.writeUInt16LE(56, 54);
+  hdr.writeUInt16LE(1, 56);
+  // One PT_LOAD, R+X, the whole file.
+  const size = BigInt(hdr.length + code.length);
+  hdr.writeUInt32LE(1, 64);
+  hdr.writeUInt32LE(5, 68);
+  hdr.writeBigUInt64LE(0n, 72);
+  hdr.writeBigUInt64LE(BigInt(base), 80);
+  hdr.writeBigUInt64LE(BigInt(base), 88);
+  hdr.writeBigUInt64LE(size, 96);
+  hdr.writeBigUInt64LE(size, 104);
+  hdr.writeBigUInt64LE(0x1000n, 112);
+  return Buffer.concat([hdr, code]);
+}
+
+/**
+ * Write the exec helper to `path` (0555; readable and executable by the build uids; its file system must not be
+ * mounted noexec). Returns false, writing nothing, where there is no helper for this architecture.
+ */
+export function writeExecHelper(path: string): boolean {
+  const elf = execHelperElf();
+  if (!elf) return false;
+  const tmp = `${path}.${process.pid}.tmp`;
+  writeFileSync(tmp, elf, { mode: 0o555 });
+  chmodSync(tmp, 0o555);
+  renameSync(tmp, path);
+  return true;
+}
+
 /** Start the builder in its sandbox as uid/gid. */
 export function spawnSandbox(spec: SandboxSpec, opts: SandboxRunOptions): SandboxProcess {
   const { options, command } = bwrapParts(spec);
+  const helperFd = spec.execHelper ? openSync(spec.execHelper, 'r') : undefined;
   const argv = [
     ...(opts.personality === 'i686' ? ['/usr/bin/setarch', 'i686', '--'] : []),
     BWRAP,
@@ -280,8 +355,9 @@ export function spawnSandbox(spec: SandboxSpec, opts: SandboxRunOptions): Sandbo
     env: {},
     cwd: '/',
     detached: true,
-    stdio: ['ignore', 'pipe', 'ignore', 'pipe', 'pipe', 'pipe'],
+    stdio: ['ignore', 'pipe', 'ignore', 'pipe', 'pipe', 'pipe', helperFd ?? 'ignore'],
   });
+  if (helperFd !== undefined) closeSync(helperFd);
   const argsPipe = child.stdio[3] as Writable;
   const statusPipe = child.stdio[4] as Readable;
   const cmdPipe = (child.stdio as unknown as Array<Writable | null>)[5]!;

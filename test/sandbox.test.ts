@@ -12,6 +12,7 @@ import {
   processesOfUid,
   type SandboxInput,
   spawnSandbox,
+  writeExecHelper,
 } from '../src/sandbox.js';
 import { makeBusyboxTree, openTempDir } from './helpers/build-sandbox.js';
 
@@ -24,6 +25,7 @@ const UID = 30950;
 let tmp: { path: string; cleanup: () => void };
 let objects: string;
 let inputs: SandboxInput[];
+let helper: string;
 let n = 0;
 
 beforeAll(() => {
@@ -36,6 +38,8 @@ beforeAll(() => {
   writeFileSync(join(objects, 'secret', 'data'), 'top secret\n', { mode: 0o444 });
   writeFileSync(join(objects, 'file.txt'), 'a file object\n', { mode: 0o444 });
   symlinkSync(`${BB}/bin/busybox`, join(objects, 'link'));
+  helper = join(tmp.path, 'exec-helper');
+  expect(writeExecHelper(helper)).toBe(true);
   inputs = [
     { path: BB, hostPath: join(objects, 'bb') },
     { path: LINK, hostPath: join(objects, 'link') },
@@ -56,7 +60,14 @@ interface Ran {
 
 async function runIn(
   script: string,
-  opts: { fixedOutput?: boolean; env?: Record<string, string>; uid?: number; inputs?: SandboxInput[] } = {},
+  opts: {
+    fixedOutput?: boolean;
+    env?: Record<string, string>;
+    uid?: number;
+    inputs?: SandboxInput[];
+    builder?: string;
+    helper?: boolean;
+  } = {},
 ): Promise<Ran> {
   const uid = opts.uid ?? UID;
   const dirs = prepareSandboxDirs(join(tmp.path, `sb${n++}`), uid, uid, { fixedOutput: !!opts.fixedOutput });
@@ -65,9 +76,10 @@ async function runIn(
       dirs,
       inputs: opts.inputs ?? inputs,
       fixedOutput: !!opts.fixedOutput,
-      builder: `${BB}/bin/sh`,
+      builder: opts.builder ?? `${BB}/bin/sh`,
       args: ['-c', script],
       env: { PATH: `${BB}/bin`, out: '/nix/store/33333333333333333333333333333333-out', ...opts.env },
+      execHelper: opts.helper === false ? undefined : helper,
     },
     { uid, gid: uid },
   );
@@ -234,6 +246,21 @@ describe('sandbox', () => {
         { uid: UID, gid: UID },
       ),
     ).toThrow(/store object '.*-secret' is missing on disk/);
+  });
+
+  it('starts the builder with argv[0] = its base name through the exec helper, leaving no trace', async () => {
+    const r = await runIn('echo "$0"; cat /proc/1/comm; readlink /proc/1/exe; ls /proc/self/fd');
+    expect(r.code).toBe(0);
+    expect(r.out).toBe(`sh\nsh\n${BB}/bin/busybox\n0\n1\n2\n3\n`);
+    const plain = await runIn('echo "$0"', { helper: false });
+    expect(plain.out).toBe(`${BB}/bin/sh\n`);
+  });
+
+  it('reports a builder that cannot be executed', async () => {
+    const r = await runIn('true', { builder: `${BB}/bin/nope` });
+    expect(r.started).toBe(true);
+    expect(r.code).toBe(1);
+    expect(r.out).toBe('error: cannot execute the builder\n');
   });
 
   it('cannot create user namespaces inside', async () => {
