@@ -11,6 +11,7 @@
  */
 import { createHash, type Hash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
+import { Worker } from 'node:worker_threads';
 import { WireError, type WireReader } from './wire.js';
 
 /** A malformed or over-limit NAR. `offset` is the byte offset inside the NAR (0 = first byte of the magic). */
@@ -100,6 +101,12 @@ const H_SYMLINK = Buffer.concat([T_OPEN, T_TYPE, T_SYMLINK, T_TARGET]);
 const H_DIRECTORY = Buffer.concat([T_OPEN, T_TYPE, T_DIRECTORY]);
 const H_ENTRY = Buffer.concat([T_ENTRY, T_OPEN, T_NAME]);
 const ZEROS = Buffer.alloc(8);
+/** Runs of tokens the reader recognises in one comparison when they are already buffered. */
+const S_OPEN_TYPE = Buffer.concat([T_OPEN, T_TYPE]);
+const S_REGULAR = Buffer.concat([T_REGULAR, T_CONTENTS]);
+const S_EXECUTABLE = Buffer.concat([T_REGULAR, T_EXECUTABLE, T_EMPTY, T_CONTENTS]);
+const S_SYMLINK = Buffer.concat([T_SYMLINK, T_TARGET]);
+const S_ENTRY = Buffer.concat([T_ENTRY, T_OPEN, T_NAME]);
 const SLASH = Buffer.from('/');
 
 function joinPath(dir: Buffer, name: Buffer): Buffer {
@@ -139,28 +146,6 @@ function pFstat(fd: number): Promise<fs.Stats> {
 }
 function pRead(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((res, rej) => fs.read(fd, buf, off, len, pos, (e, n) => (e ? rej(e) : res(n))));
-}
-function pWrite(fd: number, buf: Buffer, off: number, len: number): Promise<number> {
-  return new Promise((res, rej) => fs.write(fd, buf, off, len, null, (e, n) => (e ? rej(e) : res(n))));
-}
-async function pWriteAll(fd: number, buf: Buffer): Promise<void> {
-  let off = 0;
-  while (off < buf.length) off += await pWrite(fd, buf, off, buf.length - off);
-}
-function pFchmod(fd: number, mode: number): Promise<void> {
-  return new Promise((res, rej) => fs.fchmod(fd, mode, (e) => (e ? rej(e) : res())));
-}
-function pFutimes(fd: number, t: number): Promise<void> {
-  return new Promise((res, rej) => fs.futimes(fd, t, t, (e) => (e ? rej(e) : res())));
-}
-function pMkdir(path: PathLike, mode: number): Promise<void> {
-  return new Promise((res, rej) => fs.mkdir(path, { mode }, (e) => (e ? rej(e) : res())));
-}
-function pSymlink(target: Buffer, path: PathLike): Promise<void> {
-  return new Promise((res, rej) => fs.symlink(target, path, (e) => (e ? rej(e) : res())));
-}
-function pLutimes(path: PathLike, t: number): Promise<void> {
-  return new Promise((res, rej) => fs.lutimes(path, t, t, (e) => (e ? rej(e) : res())));
 }
 function pLstat(path: PathLike): Promise<fs.Stats> {
   return new Promise((res, rej) => fs.lstat(path, (e, st) => (e ? rej(e) : res(st))));
@@ -555,146 +540,349 @@ function isEof(e: unknown): boolean {
   return e instanceof WireError && !(e instanceof NarError) && e.message.startsWith('unexpected end of stream');
 }
 
-/** Creates the tree; every operation on a file is chained, different files are written concurrently. */
+// ---------------------------------------------------------------------------------------------------------------
+// Extraction: a shared worker thread performs the file system operations synchronously, in order, from batches of
+// operations posted by the parser. One message carries many small files (no per-syscall thread-pool round trip), and
+// the event loop never blocks on the file system.
+// ---------------------------------------------------------------------------------------------------------------
+
+const OP_MKDIR = 1;
+const OP_OPEN = 2;
+const OP_WRITE = 3;
+const OP_END = 4;
+const OP_SYMLINK = 5;
+const OP_FIXDIR = 6;
+
+/** The worker: plain CommonJS (evaluated with `eval: true`), so it runs the same from sources, tests and dist. */
+const WORKER_SOURCE = `
+const { parentPort } = require('node:worker_threads');
+const fs = require('node:fs');
+const C = fs.constants;
+const O_CREATE = C.O_WRONLY | C.O_CREAT | C.O_EXCL | C.O_NOFOLLOW;
+// Files are created with their final mode; fchmod is only needed when the umask would strip some of its bits.
+const needChmod = (process.umask() & 0o555) !== 0;
+const jobs = new Map();
+// Paths and targets travel as (offset, length) into the batch's data buffer.
+function closeAll(job) {
+  for (const fd of job.fds.values()) { try { fs.closeSync(fd); } catch {} }
+  job.fds.clear();
+}
+function run(job, ops, data) {
+  const b = (i) => data.subarray(ops[i], ops[i] + ops[i + 1]);
+  for (let i = 0; i < ops.length; ) {
+    switch (ops[i]) {
+      case ${OP_MKDIR}: fs.mkdirSync(b(i + 1), 0o700); i += 3; break;
+      case ${OP_OPEN}: job.fds.set(ops[i + 1], fs.openSync(b(i + 2), O_CREATE, ops[i + 4])); i += 5; break;
+      case ${OP_WRITE}: {
+        const fd = job.fds.get(ops[i + 1]);
+        let off = ops[i + 2];
+        const end = off + ops[i + 3];
+        while (off < end) off += fs.writeSync(fd, data, off, end - off);
+        i += 4;
+        break;
+      }
+      case ${OP_END}: {
+        const fd = job.fds.get(ops[i + 1]);
+        job.fds.delete(ops[i + 1]);
+        try {
+          if (needChmod) fs.fchmodSync(fd, ops[i + 2]);
+          fs.futimesSync(fd, 1, 1);
+        } finally {
+          fs.closeSync(fd);
+        }
+        i += 3;
+        break;
+      }
+      case ${OP_SYMLINK}: { const p = b(i + 1); fs.symlinkSync(b(i + 3), p); fs.lutimesSync(p, 1, 1); i += 5; break; }
+      case ${OP_FIXDIR}: { const p = b(i + 1); fs.chmodSync(p, 0o555); fs.utimesSync(p, 1, 1); i += 3; break; }
+      default: throw new Error('bad NAR extraction op ' + ops[i]);
+    }
+  }
+}
+parentPort.on('message', (m) => {
+  let job = jobs.get(m.id);
+  if (!job) jobs.set(m.id, (job = { fds: new Map(), failed: false }));
+  let error;
+  if (!job.failed && m.nops > 0) {
+    try {
+      run(job, new Int32Array(m.ops, 0, m.nops), m.data ? Buffer.from(m.data) : Buffer.alloc(0));
+    } catch (e) {
+      job.failed = true;
+      closeAll(job);
+      error = { message: String(e && e.message), code: e && e.code };
+    }
+  }
+  if (m.last) { closeAll(job); jobs.delete(m.id); }
+  parentPort.postMessage({ id: m.id, bytes: m.bytes, last: !!m.last, error });
+});
+`;
+
+interface WorkerReply {
+  id: number;
+  bytes: number;
+  last: boolean;
+  error?: { message: string; code?: string };
+}
+
+/** The process-wide extraction worker, started on first use; it keeps the process alive only while jobs run. */
+class IoWorker {
+  private static instance: IoWorker | null = null;
+  private readonly w: Worker;
+  private readonly jobs = new Map<number, (m: WorkerReply) => void>();
+  private nextId = 1;
+  private dead: Error | null = null;
+
+  static get(): IoWorker {
+    if (IoWorker.instance === null || IoWorker.instance.dead) IoWorker.instance = new IoWorker();
+    return IoWorker.instance;
+  }
+
+  private constructor() {
+    this.w = new Worker(WORKER_SOURCE, { eval: true });
+    this.w.unref();
+    this.w.on('message', (m: WorkerReply) => this.jobs.get(m.id)?.(m));
+    const die = (e: Error) => {
+      this.dead ??= e;
+      if (IoWorker.instance === this) IoWorker.instance = null;
+      // Every job still open learns it is over (each closes itself, removing it from the map).
+      for (const [id, cb] of this.jobs) cb({ id, bytes: 0, last: true, error: { message: this.dead.message } });
+    };
+    this.w.on('error', die);
+    this.w.on('exit', (code) => die(new Error(`the NAR extraction worker exited (code ${code})`)));
+  }
+
+  open(onReply: (m: WorkerReply) => void): number {
+    const id = this.nextId++;
+    if (this.jobs.size === 0) this.w.ref();
+    this.jobs.set(id, onReply);
+    return id;
+  }
+
+  close(id: number): void {
+    this.jobs.delete(id);
+    if (this.jobs.size === 0) this.w.unref();
+  }
+
+  post(msg: {
+    id: number;
+    ops: ArrayBuffer;
+    nops: number;
+    data: ArrayBuffer | null;
+    bytes: number;
+    last: boolean;
+  }): void {
+    if (this.dead) {
+      this.jobs.get(msg.id)?.({ id: msg.id, bytes: msg.bytes, last: msg.last, error: { message: this.dead.message } });
+      return;
+    }
+    this.w.postMessage(msg, msg.data ? [msg.ops, msg.data] : [msg.ops]);
+  }
+}
+
+/** Data bytes per batch, and how much may be posted but not yet written. */
+const BATCH_DATA = 1024 * 1024;
+/** Operations travel as an Int32Array of (opcode, operands…); a batch is posted when it holds this many numbers. */
+const BATCH_OPS = 16 * 1024;
+const MAX_INFLIGHT = 16 * 1024 * 1024;
+
+/** Builds the tree through the worker; the parser calls it in NAR order. */
 class Extractor {
   /** Directories created, in creation order (parents first). */
   readonly dirs: Buffer[] = [];
-  private inflightBytes = 0;
-  private inflightFiles = 0;
-  private readonly waiters: Array<() => void> = [];
-  private readonly all = new Set<Promise<void>>();
-  error: unknown = undefined;
-
   readonly root: Buffer;
+  error: NarRestoreError | undefined = undefined;
+  private readonly worker = IoWorker.get();
+  private readonly id: number;
+  private ops = new Int32Array(BATCH_OPS + 8);
+  private nops = 0;
+  private data: Buffer | null = null;
+  private dataLen = 0;
+  private inflight = 0;
+  private nextFile = 1;
+  private waiter: (() => void) | null = null;
+  private finished: ((err: NarRestoreError | undefined) => void) | null = null;
+  /** The last batch has been posted: nothing more is sent. */
+  private closed = false;
+  /** The worker has finished with this job (all its files closed). */
+  private done = false;
 
   constructor(
     readonly dest: string,
     readonly tmp: string,
-    private readonly maxBytes = 32 * 1024 * 1024,
-    private readonly maxFiles = 64,
   ) {
     this.root = Buffer.from(tmp);
+    this.id = this.worker.open((m) => this.reply(m));
   }
 
   wrap(e: unknown): NarRestoreError {
     return e instanceof NarRestoreError ? e : new NarRestoreError(this.dest, this.tmp, e);
   }
 
-  private fail(e: unknown): void {
-    this.error ??= this.wrap(e);
-    this.wake();
-  }
-
-  private wake(): void {
-    for (const w of this.waiters.splice(0)) w();
-  }
-
-  private track(p: Promise<void>): void {
-    const q = p.then(
-      () => {},
-      (e) => this.fail(e),
-    );
-    this.all.add(q);
-    void q.finally(() => this.all.delete(q));
-  }
-
-  /** Wait while too much is being written; the parser calls this between steps. */
-  async room(): Promise<void> {
-    while (this.error === undefined && (this.inflightBytes > this.maxBytes || this.inflightFiles > this.maxFiles)) {
-      await new Promise<void>((r) => this.waiters.push(r));
+  private reply(m: WorkerReply): void {
+    this.inflight -= m.bytes;
+    if (m.error && this.error === undefined) {
+      const e = Object.assign(new Error(m.error.message), { code: m.error.code });
+      this.error = this.wrap(e);
+    }
+    const w = this.waiter;
+    this.waiter = null;
+    w?.();
+    if (m.last) {
+      this.done = true;
+      this.closed = true;
+      this.worker.close(this.id);
+      const f = this.finished;
+      this.finished = null;
+      f?.(this.error);
     }
   }
 
-  async mkdir(path: Buffer): Promise<void> {
-    try {
-      await pMkdir(path, 0o700);
-    } catch (e) {
-      throw this.wrap(e);
+  private flush(last = false): void {
+    if (this.closed) return;
+    if (!last && this.nops === 0) return;
+    const bytes = this.dataLen + this.nops * 4;
+    this.inflight += bytes;
+    const data = this.data && this.dataLen > 0 ? (this.data.buffer as ArrayBuffer) : null;
+    this.worker.post({ id: this.id, ops: this.ops.buffer as ArrayBuffer, nops: this.nops, data, bytes, last });
+    this.ops = new Int32Array(BATCH_OPS + 8);
+    this.nops = 0;
+    this.data = null;
+    this.dataLen = 0;
+    if (last) this.closed = true;
+  }
+
+  /** Post a full batch; true when so much is queued for the worker that the parser should `wait()`. */
+  busy(): boolean {
+    if (this.nops >= BATCH_OPS || this.dataLen >= BATCH_DATA) this.flush();
+    return this.inflight > MAX_INFLIGHT && this.error === undefined && !this.done;
+  }
+
+  async wait(): Promise<void> {
+    while (this.busy()) {
+      await new Promise<void>((r) => {
+        this.waiter = r;
+      });
     }
+  }
+
+  private room(k: number): Int32Array {
+    if (this.nops + k > this.ops.length) {
+      const bigger = new Int32Array(this.ops.length * 2);
+      bigger.set(this.ops.subarray(0, this.nops));
+      this.ops = bigger;
+    }
+    return this.ops;
+  }
+  private push3(a: number, b: number, c: number): void {
+    const o = this.room(3);
+    const n = this.nops;
+    o[n] = a;
+    o[n + 1] = b;
+    o[n + 2] = c;
+    this.nops = n + 3;
+  }
+  private push4(a: number, b: number, c: number, d: number): void {
+    const o = this.room(4);
+    const n = this.nops;
+    o[n] = a;
+    o[n + 1] = b;
+    o[n + 2] = c;
+    o[n + 3] = d;
+    this.nops = n + 4;
+  }
+  private push5(a: number, b: number, c: number, d: number, e: number): void {
+    const o = this.room(5);
+    const n = this.nops;
+    o[n] = a;
+    o[n + 1] = b;
+    o[n + 2] = c;
+    o[n + 3] = d;
+    o[n + 4] = e;
+    this.nops = n + 5;
+  }
+
+  /** Make room for `n` more data bytes in the current batch (posting it if full). */
+  private reserve(n: number): Buffer {
+    if (this.data !== null && this.dataLen + n > this.data.length) this.flush();
+    if (this.data === null) this.data = Buffer.allocUnsafeSlow(Math.max(BATCH_DATA, n));
+    return this.data;
+  }
+
+  /** Copy paths into the batch's data (cloning Buffers with a message would copy their whole pool). */
+  private paths(op: number, a: Buffer, b?: Buffer): void {
+    const data = this.reserve(a.length + (b?.length ?? 0));
+    const offA = this.dataLen;
+    this.dataLen += a.copy(data, offA);
+    if (b === undefined) {
+      this.push3(op, offA, a.length);
+      return;
+    }
+    const offB = this.dataLen;
+    this.dataLen += b.copy(data, offB);
+    this.push5(op, offA, a.length, offB, b.length);
+  }
+
+  mkdir(path: Buffer): void {
+    this.paths(OP_MKDIR, path);
     this.dirs.push(path);
   }
 
   symlink(path: Buffer, target: Buffer): void {
-    this.track(pSymlink(target, path).then(() => pLutimes(path, 1)));
+    this.paths(OP_SYMLINK, path, target);
   }
 
-  file(path: Buffer): FileOut {
-    return new FileOut(this, path);
+  /** Start a regular file; returns its id for `write` and `end`. */
+  open(path: Buffer, executable: boolean): number {
+    const id = this.nextFile++;
+    const data = this.reserve(path.length);
+    this.push5(OP_OPEN, id, this.dataLen, path.length, executable ? 0o555 : 0o444);
+    this.dataLen += path.copy(data, this.dataLen);
+    return id;
   }
 
-  /** @internal */ startFile(): void {
-    this.inflightFiles++;
-  }
-  /** @internal */ endFile(p: Promise<void>): void {
-    this.track(
-      p.finally(() => {
-        this.inflightFiles--;
-        this.wake();
-      }),
-    );
-  }
-  /** @internal */ addBytes(n: number): void {
-    this.inflightBytes += n;
-  }
-  /** @internal */ subBytes(n: number): void {
-    this.inflightBytes -= n;
-    this.wake();
-  }
-
-  /** Wait for every started operation. */
-  async settle(): Promise<void> {
-    while (this.all.size > 0) await Promise.allSettled([...this.all]);
-  }
-
-  /** Canonical store permissions and times for directories, once everything inside exists. */
-  async finishDirs(): Promise<void> {
-    for (let i = this.dirs.length - 1; i >= 0; i--) {
-      const d = this.dirs[i]!;
-      await new Promise<void>((res, rej) => fs.chmod(d, 0o555, (e) => (e ? rej(e) : res())));
-      await new Promise<void>((res, rej) => fs.utimes(d, 1, 1, (e) => (e ? rej(e) : res())));
+  write(file: number, chunk: Buffer): void {
+    let off = 0;
+    while (off < chunk.length) {
+      if (this.data === null) this.data = Buffer.allocUnsafeSlow(BATCH_DATA);
+      const n = Math.min(chunk.length - off, this.data.length - this.dataLen);
+      chunk.copy(this.data, this.dataLen, off, off + n);
+      this.push4(OP_WRITE, file, this.dataLen, n);
+      this.dataLen += n;
+      off += n;
+      if (this.dataLen === this.data.length) this.flush();
     }
+  }
+
+  end(file: number, executable: boolean): void {
+    this.push3(OP_END, file, executable ? 0o555 : 0o444);
+  }
+
+  /** Everything written: fix up the directories (children first) and wait for the worker. */
+  async finish(): Promise<void> {
+    for (let i = this.dirs.length - 1; i >= 0; i--) this.paths(OP_FIXDIR, this.dirs[i]!);
+    const err = await this.close(false);
+    if (err) throw err;
+  }
+
+  /** Post what is queued (or drop it) and wait until the worker has closed this job's files. */
+  private close(drop: boolean): Promise<NarRestoreError | undefined> {
+    if (this.done) return Promise.resolve(this.error);
+    return new Promise((resolve) => {
+      this.finished = resolve;
+      if (drop) {
+        this.nops = 0;
+        this.data = null;
+        this.dataLen = 0;
+      }
+      this.flush(true);
+    });
   }
 
   /** Remove everything created (directories made writable first). */
   async removeAll(): Promise<void> {
-    await this.settle();
+    await this.close(true);
     for (const d of this.dirs) await new Promise<void>((res) => fs.chmod(d, 0o700, () => res()));
     await fs.promises.rm(this.root, { recursive: true, force: true });
-  }
-}
-
-const O_CREATE = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW;
-
-class FileOut {
-  private fd = -1;
-  private chain: Promise<void>;
-
-  constructor(
-    private readonly ex: Extractor,
-    readonly path: Buffer,
-  ) {
-    ex.startFile();
-    this.chain = pOpen(path, O_CREATE, 0o600).then((fd) => {
-      this.fd = fd;
-    });
-  }
-
-  write(b: Buffer): void {
-    const ex = this.ex;
-    ex.addBytes(b.length);
-    this.chain = this.chain
-      .then(() => pWriteAll(this.fd, b))
-      .finally(() => {
-        ex.subBytes(b.length);
-      });
-  }
-
-  end(executable: boolean): void {
-    const p = this.chain
-      .then(() => pFchmod(this.fd, executable ? 0o555 : 0o444))
-      .then(() => pFutimes(this.fd, 1))
-      .finally(() => (this.fd >= 0 ? pClose(this.fd) : undefined));
-    this.ex.endFile(p);
   }
 }
 
@@ -747,6 +935,56 @@ class NarParser {
       this.hash.update(b);
       this.onChunk?.(b);
     }
+  }
+
+  // Fast paths: when a token (or run of tokens) is entirely buffered and valid, consume it synchronously. Otherwise
+  // they consume nothing and the slow path (which reads, waits and reports errors) takes over at the same position.
+
+  /** Consume `seq` if it comes next. */
+  private fastSeq(seq: Buffer): boolean {
+    const b = this.r.peekBuffered();
+    const n = seq.length;
+    if (b.length < n || seq.compare(b, 0, n, 0, n) !== 0 || this.pos + n > this.lim.maxSize) return false;
+    this.r.consume(n);
+    this.account(b.subarray(0, n));
+    return true;
+  }
+
+  /** A u64 below 2^32. */
+  private fastU64(): number | undefined {
+    const b = this.r.peekBuffered();
+    if (b.length < 8 || b.readUInt32LE(4) !== 0 || this.pos + 8 > this.lim.maxSize) return undefined;
+    this.r.consume(8);
+    this.account(b.subarray(0, 8));
+    return b.readUInt32LE(0);
+  }
+
+  /** A string token of at most `max` bytes with zero padding. */
+  private fastStr(max: number): Buffer | undefined {
+    const b = this.r.peekBuffered();
+    if (b.length < 8) return undefined;
+    const len = b.readUInt32LE(0);
+    if (b.readUInt32LE(4) !== 0 || len > max) return undefined;
+    const end = 8 + len;
+    const total = end + padLen(len);
+    if (b.length < total || this.pos + total > this.lim.maxSize) return undefined;
+    for (let i = end; i < total; i++) if (b[i] !== 0) return undefined;
+    this.r.consume(total);
+    this.account(b.subarray(0, total));
+    return b.subarray(8, end);
+  }
+
+  /** `len` bytes of padding then ")". */
+  private fastPadClose(len: number): boolean {
+    const b = this.r.peekBuffered();
+    const p = padLen(len);
+    const n = p + 16;
+    if (b.length < n || this.pos + n > this.lim.maxSize) return false;
+    for (let i = 0; i < p; i++) if (b[i] !== 0) return false;
+    if (T_CLOSE.compare(b, p, n) !== 0) return false;
+    this.r.consume(n);
+    this.account(b.subarray(0, n));
+    return true;
   }
 
   private checkSize(extra: number, what: string): void {
@@ -854,21 +1092,29 @@ class NarParser {
 
   private async node(path: Buffer | null, depth: number): Promise<void> {
     this.checkAbort();
-    await this.expect('(');
-    await this.expect('type');
+    if (!this.fastSeq(S_OPEN_TYPE)) {
+      await this.expect('(');
+      await this.expect('type');
+    }
+    if (this.fastSeq(S_REGULAR)) return this.contents(path, false);
+    if (this.fastSeq(S_EXECUTABLE)) return this.contents(path, true);
+    if (this.fastSeq(S_SYMLINK)) return this.target(path);
+    if (this.fastSeq(T_DIRECTORY)) return this.directory(path, depth);
     const at = this.pos;
     const type = await this.keyword('"regular", "symlink" or "directory"');
-    if (type === 'regular') await this.regular(path);
-    else if (type === 'symlink') await this.symlink(path);
-    else if (type === 'directory') await this.directory(path, depth);
-    else {
-      throw new NarError(
-        `expected "regular", "symlink" or "directory", got ${showBytes(Buffer.from(type, 'latin1'))}`,
-        at,
-      );
+    if (type === 'regular') return this.regular(path);
+    if (type === 'symlink') {
+      await this.expect('target');
+      return this.target(path);
     }
+    if (type === 'directory') return this.directory(path, depth);
+    throw new NarError(
+      `expected "regular", "symlink" or "directory", got ${showBytes(Buffer.from(type, 'latin1'))}`,
+      at,
+    );
   }
 
+  /** After `regular` (slow path): the optional executable marker and `contents`. */
   private async regular(path: Buffer | null): Promise<void> {
     let at = this.pos;
     let kw = await this.keyword('"executable" or "contents"');
@@ -882,8 +1128,13 @@ class NarParser {
     } else if (kw !== 'contents') {
       throw new NarError(`expected "executable" or "contents", got ${showBytes(Buffer.from(kw, 'latin1'))}`, at);
     }
-    at = this.pos;
-    const len = await this.u64('length of file contents');
+    return this.contents(path, executable);
+  }
+
+  /** After `contents`: the file's length, bytes, padding and the closing ")". */
+  private async contents(path: Buffer | null, executable: boolean): Promise<void> {
+    const at = this.pos;
+    const len = this.fastU64() ?? (await this.u64('length of file contents'));
     if (len > this.lim.maxFileSize) {
       throw new NarError(`file is too large (${len} bytes, at most ${this.lim.maxFileSize} allowed)`, at);
     }
@@ -891,78 +1142,89 @@ class NarParser {
     if (this.pos + len + padLen(len) + 16 > this.lim.maxSize) {
       throw new NarError(`file of ${len} bytes does not fit in the NAR size limit of ${this.lim.maxSize} bytes`, at);
     }
-    const ex = this.ex;
-    const out = ex && path ? ex.file(path) : null;
+    const file = this.ex && path ? this.ex.open(path, executable) : 0;
     let left = len;
-    try {
-      while (left > 0) {
+    while (left > 0) {
+      let c: Buffer;
+      const avail = this.r.buffered;
+      if (avail > 0) {
+        const n = Math.min(left, avail, READ_CHUNK);
+        c = this.r.peekBuffered().subarray(0, n);
+        this.r.consume(n);
+      } else {
         this.checkAbort();
-        let c: Buffer;
         try {
           c = await this.r.readSome(Math.min(left, READ_CHUNK), 'file contents');
         } catch (e) {
           if (isEof(e)) throw this.truncated(`file contents (${left} of ${len} bytes missing)`);
           throw e;
         }
-        left -= c.length;
-        this.account(c);
-        if (out && this.ex) {
-          out.write(c);
-          await ex!.room();
-          this.checkEx();
-        }
       }
-    } finally {
-      out?.end(executable);
+      left -= c.length;
+      this.account(c);
+      if (file && this.ex) {
+        this.ex.write(file, c);
+        if (this.ex.busy()) await this.ex.wait();
+        this.checkEx();
+      }
     }
-    await this.padding(len, 'file contents');
-    await this.expect(')');
-    this.checkEx();
+    if (file && this.ex) {
+      this.ex.end(file, executable);
+      if (this.ex.busy()) await this.ex.wait();
+      this.checkEx();
+    }
+    if (!this.fastPadClose(len)) {
+      await this.padding(len, 'file contents');
+      await this.expect(')');
+    }
   }
 
-  private async symlink(path: Buffer | null): Promise<void> {
-    await this.expect('target');
+  /** After `target`: the symlink's target and the closing ")". */
+  private async target(path: Buffer | null): Promise<void> {
     const at = this.pos;
-    const target = await this.str(
-      'symlink target',
-      this.lim.maxTargetLength,
-      (len) => `symlink target is too long (${len} bytes, at most ${this.lim.maxTargetLength} allowed)`,
-    );
+    const target =
+      this.fastStr(this.lim.maxTargetLength) ??
+      (await this.str(
+        'symlink target',
+        this.lim.maxTargetLength,
+        (len) => `symlink target is too long (${len} bytes, at most ${this.lim.maxTargetLength} allowed)`,
+      ));
     if (target.length === 0) throw new NarError('symlink target is empty', at);
     if (target.includes(0)) throw new NarError(`symlink target ${showBytes(target)} contains a NUL byte`, at);
     if (this.ex && path) this.ex.symlink(path, target);
-    await this.expect(')');
+    if (!this.fastSeq(T_CLOSE)) await this.expect(')');
   }
 
   private async directory(path: Buffer | null, depth: number): Promise<void> {
-    if (this.ex && path) {
-      try {
-        await this.ex.mkdir(path);
-      } catch (e) {
-        if (!this.drain) throw e;
-        this.ex.error ??= e;
-        this.ex = null;
-      }
-    }
+    if (this.ex && path) this.ex.mkdir(path);
     let prev: Buffer | null = null;
     for (;;) {
       this.checkAbort();
       const at = this.pos;
-      const kw = await this.keyword('"entry" or ")"');
-      if (kw === ')') return;
-      if (kw !== 'entry')
-        throw new NarError(`expected "entry" or ")", got ${showBytes(Buffer.from(kw, 'latin1'))}`, at);
+      const fast = this.fastSeq(S_ENTRY);
+      if (!fast) {
+        if (this.fastSeq(T_CLOSE)) return;
+        const kw = await this.keyword('"entry" or ")"');
+        if (kw === ')') return;
+        if (kw !== 'entry') {
+          throw new NarError(`expected "entry" or ")", got ${showBytes(Buffer.from(kw, 'latin1'))}`, at);
+        }
+      }
       if (depth + 1 > this.lim.maxDepth) {
         throw new NarError(`directories are nested too deeply (more than ${this.lim.maxDepth} levels)`, at);
       }
-      await this.expect('(');
-      await this.expect('name');
+      if (!fast) {
+        await this.expect('(');
+        await this.expect('name');
+      }
       const nameAt = this.pos;
-      const name = await this.str(
-        'entry name',
-        this.lim.maxNameLength,
-        (len) => `entry name is too long (${len} bytes, at most ${this.lim.maxNameLength} allowed)`,
-      );
+      const name =
+        this.fastStr(this.lim.maxNameLength) ??
+        (await this.str(
+          'entry name',
+          this.lim.maxNameLength,
+          (len) => `entry name is too long (${len} bytes, at most ${this.lim.maxNameLength} allowed)`,
+        ));
       checkName(name, nameAt);
       if (prev !== null) {
         const c = Buffer.compare(prev, name);
@@ -972,9 +1234,9 @@ class NarParser {
         }
       }
       prev = name;
-      await this.expect('node');
+      if (!this.fastSeq(T_NODE)) await this.expect('node');
       await this.node(this.ex && path ? joinPath(path, name) : null, depth + 1);
-      await this.expect(')');
+      if (!this.fastSeq(T_CLOSE)) await this.expect(')');
       this.checkEx();
     }
   }
@@ -1027,9 +1289,7 @@ export async function restoreNar(reader: WireReader, dest: string, opts: Restore
   try {
     const res = await p.parse();
     if (opts.expectEnd) await p.expectEnd();
-    await ex.settle();
-    if (ex.error !== undefined) throw ex.error;
-    await ex.finishDirs().catch((e) => Promise.reject(ex.wrap(e)));
+    await ex.finish();
     if (
       await pLstat(dest).then(
         () => true,
