@@ -13,6 +13,7 @@ import {
   type RegistryError,
   RegistryWatcher,
 } from './registry.js';
+import { GitRegistrySource, type RejectedCommit } from './registry-git.js';
 
 export interface RegistryStatus {
   source: string;
@@ -28,20 +29,8 @@ interface Follower {
   readonly registry: RegistryData;
   reload(): Promise<unknown>;
   close(): void | Promise<void>;
-  status?(): Record<string, unknown>;
+  status?(): object;
 }
-
-interface GitSource extends Follower {
-  start(): Promise<unknown>;
-  status(): Record<string, unknown>;
-}
-type GitSourceClass = new (opts: {
-  url: string;
-  branch: string;
-  intervalSeconds: number;
-  dir: string;
-  logger: Logger;
-}) => GitSource;
 
 export class Registry {
   private constructor(
@@ -52,9 +41,6 @@ export class Registry {
 
   static async start(config: Config, logger: Logger): Promise<Registry> {
     if (config.registry.git) {
-      // Loaded only when configured; the module follows a git repository and applies commits that pass the check.
-      const gitModule = './registry-git.js';
-      const { GitRegistrySource } = (await import(gitModule)) as { GitRegistrySource: GitSourceClass };
       const src = new GitRegistrySource({
         url: config.registry.git,
         branch: config.registry.branch,
@@ -62,10 +48,23 @@ export class Registry {
         dir: join(config.stateDir, 'registry-git'),
         logger,
       });
+      src.on('rejected', (r: RejectedCommit) =>
+        logger.error(
+          { commit: r.commit, problems: r.problems },
+          'registry commit rejected; keeping the last good registry',
+        ),
+      );
+      src.on('fetch-failed', (message: string) =>
+        logger.warn({ err: message }, 'registry fetch failed; keeping the clone we have'),
+      );
+      src.on('change', (r: RegistryData, _prev: RegistryData, commit: string) =>
+        logger.info({ users: r.users.size, commit }, 'registry commit applied'),
+      );
       await src.start();
       return new Registry(src, `git ${config.registry.git} (${config.registry.branch})`, () => {
-        const st = src.status() as { lastError?: { message?: string } | string | null };
-        return typeof st.lastError === 'string' ? st.lastError : (st.lastError?.message ?? null);
+        const st = src.status();
+        if (st.rejected) return [`commit ${st.rejected.commit} rejected`, ...st.rejected.problems].join('\n');
+        return st.lastError?.message ?? null;
       });
     }
     const watcher = await RegistryWatcher.start({ dir: config.registry.path, logger });

@@ -1,9 +1,13 @@
 /** `buildbox serve` and `buildbox fingerprint`. */
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import type { Command } from 'commander';
 import { readSigningPublicKey, startBox } from '../box.js';
 import { type Config, loadConfig } from '../config.js';
 import { knownHostsLine, loadOrCreateHostKey } from '../host-key.js';
 import { createLogger } from '../logger.js';
+
+const PID_FILE = 'buildbox.pid';
 
 interface CommonOpts {
   config?: string;
@@ -41,6 +45,8 @@ export function registerServeCommands(program: Command): void {
       const config = configFrom(opts);
       const logger = createLogger();
       const box = await startBox(config, logger);
+      const pidFile = join(config.stateDir, PID_FILE);
+      writeFileSync(pidFile, `${process.pid}\n`);
       const host = config.listen === '0.0.0.0' || config.listen === '::' ? 'HOST' : config.listen;
       process.stderr.write(
         `buildbox listening on ${box.ssh.address}:${box.port}\n` +
@@ -52,6 +58,7 @@ export function registerServeCommands(program: Command): void {
       await new Promise<void>((resolve) => {
         const stop = (sig: string) => {
           logger.info({ signal: sig }, 'shutting down');
+          rmSync(pidFile, { force: true });
           box.close().then(resolve, resolve);
         };
         process.once('SIGINT', () => stop('SIGINT'));
@@ -61,6 +68,30 @@ export function registerServeCommands(program: Command): void {
           box.registry.reload().catch((e: Error) => logger.error({ err: e.message }, 'reload failed'));
         });
       });
+    });
+
+  program
+    .command('reload')
+    .description('make the running box re-read its registry now (fetching it when it follows git); same as SIGHUP')
+    .option('-c, --config <file>', 'TOML config file')
+    .option('--state-dir <dir>', 'state directory (default ./.buildbox)')
+    .action((opts: CommonOpts) => {
+      const config = configFrom(opts);
+      const pidFile = join(config.stateDir, PID_FILE);
+      let pid: number;
+      try {
+        pid = Number(readFileSync(pidFile, 'utf8').trim());
+      } catch {
+        throw new Error(
+          `no running box found: ${pidFile} does not exist (is \`buildbox serve\` running with this state dir?)`,
+        );
+      }
+      try {
+        process.kill(pid, 'SIGHUP');
+      } catch {
+        throw new Error(`no running box found: process ${pid} from ${pidFile} is gone`);
+      }
+      process.stdout.write(`asked the box (pid ${pid}) to reload its registry\n`);
     });
 
   program

@@ -50,7 +50,13 @@ export async function makeUserKey(dir: string, name: string): Promise<TestUser> 
 }
 
 export async function startTestBox(
-  opts: { users?: string[]; config?: Partial<Config>; registryExtra?: Record<string, string> } = {},
+  opts: {
+    users?: string[];
+    config?: Partial<Config>;
+    registryExtra?: Record<string, string>;
+    /** Runs after the users' keys exist and before the box starts; may add config (e.g. a git registry). */
+    prepare?: (dir: string, users: Record<string, TestUser>) => Promise<Partial<Config>>;
+  } = {},
 ): Promise<TestBox> {
   const t = tempDir('buildbox-e2e-');
   const dir = t.path;
@@ -81,6 +87,7 @@ export async function startTestBox(
     maxJobs: 4,
     statusPort: 0,
     ...opts.config,
+    ...(opts.prepare ? await opts.prepare(dir, users) : {}),
   };
   let box = await startBox(config, silentLogger());
   const port = box.port;
