@@ -8,7 +8,8 @@
  *   is bind-mounted read-only on top of it at `/nix/store/<base>` (symlink objects are recreated as symlinks). Nothing
  *   else of the store is visible.
  * - `/build` ← `<top>/build` (0700, slot uid), `NIX_BUILD_TOP`;
- * - `/etc` (0555) with `passwd`, `group` and `hosts` exactly as Nix writes them; fixed-output builds instead get the
+ * - `/` 0750 and `/nix/store` 1775 as under Nix (observed with Nix 2.8; owned by the build user here);
+ * - `/etc` (0755) with `passwd`, `group` and `hosts` exactly as Nix writes them; fixed-output builds instead get the
  *   host's `resolv.conf`, `services` and `hosts` and Nix's `nsswitch.conf`;
  * - private `/tmp` (1777 tmpfs), minimal `/dev` (bwrap's: null zero full random urandom tty, pts, ptmx, fd links) with a
  *   fresh `/dev/shm`, fresh `/proc`;
@@ -80,7 +81,7 @@ export interface SandboxDirs {
 
 /**
  * Create the host directories of a sandbox under `top` (which must not exist; its parent must be traversable by the
- * slot uid): `build` (0700) and `store` (0755) owned by uid/gid, `etc` with the files Nix writes.
+ * slot uid): `build` (0700) and `store` (1775) owned by uid/gid, `etc` with the files Nix writes.
  */
 export function prepareSandboxDirs(top: string, uid: number, gid: number, opts: { fixedOutput: boolean }): SandboxDirs {
   mkdirSync(top, { mode: 0o711 });
@@ -91,9 +92,9 @@ export function prepareSandboxDirs(top: string, uid: number, gid: number, opts: 
   mkdirSync(buildDir, { mode: 0o700 });
   chownSync(buildDir, uid, gid);
   chmodSync(buildDir, 0o700);
-  mkdirSync(storeHostDir, { mode: 0o755 });
+  mkdirSync(storeHostDir, { mode: 0o1775 });
   chownSync(storeHostDir, uid, gid);
-  chmodSync(storeHostDir, 0o755);
+  chmodSync(storeHostDir, 0o1775);
   mkdirSync(etcDir, { mode: 0o755 });
   writeFileSync(join(etcDir, 'passwd'), etcPasswd(), { mode: 0o644 });
   writeFileSync(join(etcDir, 'group'), ETC_GROUP, { mode: 0o644 });
@@ -182,7 +183,7 @@ function bwrapParts(spec: SandboxSpec): { options: string[]; command: string[] }
     dirs.buildDir,
     SANDBOX_BUILD_DIR,
     '--perms',
-    '0555',
+    '0755',
     '--dir',
     '/etc',
     '--ro-bind',
@@ -220,7 +221,7 @@ function bwrapParts(spec: SandboxSpec): { options: string[]; command: string[] }
     else a.push('--ro-bind', input.hostPath, input.path);
   }
   for (const b of spec.extraRoBinds ?? []) a.push('--ro-bind', b.hostPath, b.path);
-  a.push('--remount-ro', '/', '--chdir', SANDBOX_BUILD_DIR, '--clearenv');
+  a.push('--chmod', '0750', '/', '--remount-ro', '/', '--chdir', SANDBOX_BUILD_DIR, '--clearenv');
   const env = spec.env instanceof Map ? [...spec.env] : Object.entries(spec.env);
   for (const [k, v] of env) {
     if (k === '' || k.includes('=')) throw new SandboxError(`invalid environment variable name '${k}'`);

@@ -108,7 +108,7 @@ describe('sandbox', () => {
 
   it('runs as uid 1000/gid 100 inside, the slot uid outside, with Nix /etc files and hostname', async () => {
     const r = await runIn(
-      'echo pid=$$; id; hostname; cat /etc/passwd /etc/group /etc/hosts; ls /etc; stat -c "%a" / /etc /tmp /build; pwd',
+      'echo pid=$$; id; hostname; cat /etc/passwd /etc/group /etc/hosts; ls /etc; stat -c "%a" / /etc /tmp /build /nix /nix/store /dev; pwd',
     );
     expect(r.code).toBe(0);
     const lines = r.out.split('\n');
@@ -117,7 +117,8 @@ describe('sandbox', () => {
     expect(lines[2]).toBe('localhost');
     expect(r.out).toContain(etcPasswd() + ETC_GROUP + ETC_HOSTS);
     expect(r.out).toContain('group\nhosts\npasswd\n');
-    expect(r.out).toContain('755\n555\n1777\n700\n/build\n');
+    // As observed under Nix 2.8's sandbox: / 750, /etc 755, /tmp 1777, /build 700, /nix 755, /nix/store 1775, /dev 755.
+    expect(r.out).toContain('750\n755\n1777\n700\n755\n1775\n755\n/build\n');
   });
 
   it('shows only the input closure in /nix/store, read-only; symlink and file objects intact', async () => {
