@@ -3,8 +3,9 @@ import { join } from 'node:path';
 import { Command } from 'commander';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { registerUsersCommands } from '../src/commands/users.js';
+import { parseNixData } from '../src/nix-data.js';
 import { formatProblem, loadRegistry } from '../src/registry.js';
-import { checkRegistry } from '../src/registry-check.js';
+import { checkRegistry, compareUserNames } from '../src/registry-check.js';
 import { addUser, insertUserEntry, RegistryEditError, removeUser, removeUserEntry } from '../src/registry-edit.js';
 import { tempDir } from './helpers/exec.js';
 import { makeKeys, type TestKeys, writeTree } from './registry-fixtures.js';
@@ -33,6 +34,14 @@ function expectInsertion(before: Buffer, after: Buffer, inserted: string): void 
     if (Buffer.concat([after.subarray(0, i), after.subarray(i + ins.length)]).equals(before)) return;
   }
   expect.fail(`not a pure insertion of ${JSON.stringify(inserted)}:\n${after.toString('latin1')}`);
+}
+
+/** `after` is `before` with one contiguous run of bytes added, all else untouched. */
+function isPureInsertion(before: string, after: string): boolean {
+  let i = 0;
+  while (i < before.length && before[i] === after[i]) i++;
+  const rest = before.length - i;
+  return after.length > before.length && after.slice(after.length - rest) === before.slice(i);
 }
 
 async function checkClean(dir: string) {
@@ -230,6 +239,53 @@ describe('users add then users check: untouched bytes stay identical', () => {
     await addUser(dir, 'alice', K.ed[0]!.pub);
     expect(statSync(join(dir, 'users.nix')).mode & 0o777).toBe(0o640);
     expect(readdirSync(dir).sort()).toEqual(['keys', 'users.nix']); // no temporary files left
+  });
+});
+
+describe('many inserts and removals in scrambled order, every layout', () => {
+  const layouts: Record<string, string> = {
+    community: COMMUNITY.toString('latin1'),
+    'list, one line each':
+      '[\n  { name = "alice"; keys = ./keys/alice; }\n  { name = "mike"; keys = ./keys/mike; }\n]\n',
+    'list, blocks':
+      '[\n  {\n    name = "alice";\n    keys = ./keys/alice;\n  }\n\n  {\n    name = "mike";\n    keys = ./keys/mike;\n  }\n]\n',
+    inline: '{ alice = { keys = ./keys/alice; }; mike = { keys = ./keys/mike; }; }\n',
+    crlf: '{\r\n  alice = {\r\n    keys = ./keys/alice;\r\n  };\r\n\r\n  mike = {\r\n    keys = ./keys/mike;\r\n  };\r\n}\r\n',
+    empty: '{ }\n',
+    dotted: '{\n  alice.keys = ./keys/alice;\n  mike.keys = ./keys/mike;\n}\n',
+  };
+  const names = ['zed', '0x00', 'bob', 'Nina', 'aaron', 'carol-x', 'm.n', 'yuki', 'b_2', 'mikey'];
+  // A fixed scramble (deterministic), different for removal.
+  const addOrder = [3, 7, 0, 5, 9, 1, 8, 2, 6, 4].map((i) => names[i]!);
+  const removeOrder = [8, 1, 4, 6, 0, 9, 3, 5, 2, 7].map((i) => names[i]!);
+
+  test.each(Object.keys(layouts))('%s', (layout) => {
+    const original = layouts[layout]!;
+    let text = original;
+    for (const n of addOrder) {
+      const next = insertUserEntry(text, n, { trusted: n.length % 2 === 0 });
+      // (An empty `{ }` gets its inside laid out once; everything else is a pure insertion.)
+      if (!(layout === 'empty' && text === original)) expect(isPureInsertion(text, next)).toBe(true);
+      text = next;
+    }
+    const parsed = parseNixData(Buffer.from(text, 'latin1'), 'users.nix');
+    expect(parsed.errors).toEqual([]);
+    const v = parsed.value!;
+    const order =
+      v.kind === 'attrs'
+        ? [...new Set(v.entries.map((e) => e.path[0]!.name))]
+        : v.kind === 'list'
+          ? v.items.map((i) =>
+              i.kind === 'attrs' && i.fields.get('name')?.value.kind === 'string'
+                ? (i.fields.get('name')!.value as { value: string }).value
+                : '',
+            )
+          : [];
+    expect(order).toEqual([...order].sort(compareUserNames));
+    expect(order.length).toBe(names.length + (layout === 'community' ? 3 : layout === 'empty' ? 0 : 2));
+    for (const n of removeOrder) text = removeUserEntry(text, n)!;
+    if (layout === 'empty') expect(text).toBe('{\n}\n');
+    else expect(text).toBe(original);
   });
 });
 

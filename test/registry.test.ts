@@ -249,13 +249,13 @@ describe('RegistryWatcher', () => {
     expect(w.authorize('bob', 'ssh-ed25519', b)).toBeUndefined();
 
     let changed = nextEvent<Registry>(w, 'change');
-    writeFileSync(join(dir, 'keys/bob'), `${K.ed[2]!.pub}\n`);
+    replace(join(dir, 'keys/bob'), `${K.ed[2]!.pub}\n`);
     replace(join(dir, 'users.nix'), '{\n  alice = { keys = ./keys/alice; };\n  bob = { keys = ./keys/bob; };\n}\n');
     await changed;
     expect(w.authorize('bob', 'ssh-ed25519', b)?.name).toBe('bob');
 
     changed = nextEvent(w, 'change');
-    writeFileSync(join(dir, 'keys/alice'), `${K.ed[0]!.pub}\n`);
+    replace(join(dir, 'keys/alice'), `${K.ed[0]!.pub}\n`);
     await changed;
     expect(w.authorize('alice', 'ssh-ed25519', a0)?.name).toBe('alice');
     expect(w.authorize('alice', 'ssh-ed25519', a1)).toBeUndefined();
@@ -288,14 +288,14 @@ describe('RegistryWatcher', () => {
     // A key file made unreadable as a key file is also a broken edit: alice keeps her key.
     const rejected2 = nextEvent(w, 'rejected');
     replace(join(dir, 'users.nix'), '{\n  alice = { keys = ./keys/alice; };\n}\n');
-    writeFileSync(join(dir, 'keys/alice'), K.ed[0]!.priv);
+    replace(join(dir, 'keys/alice'), K.ed[0]!.priv);
     await rejected2;
     expect(w.authorize('alice', 'ssh-ed25519', a0)?.name).toBe('alice');
     expect(w.lastError!.problems[0]!.code).toBe('private-key');
 
     // Fixed: applied again, error cleared.
     const changed = nextEvent(w, 'change');
-    writeFileSync(join(dir, 'keys/alice'), `${K.ed[1]!.pub}\n`);
+    replace(join(dir, 'keys/alice'), `${K.ed[1]!.pub}\n`);
     await changed;
     expect(w.lastError).toBeUndefined();
     expect(w.authorize('alice', 'ssh-ed25519', a0)).toBeUndefined();
@@ -318,8 +318,8 @@ describe('RegistryWatcher', () => {
     expect(w.lastError).toBeUndefined();
     const changed = nextEvent(w, 'change');
     mkdirSync(join(dir, 'keys'));
-    writeFileSync(join(dir, 'keys/alice'), `${K.ed[0]!.pub}\n`);
-    writeFileSync(join(dir, 'users.nix'), '{ alice = { keys = ./keys/alice; }; }');
+    replace(join(dir, 'keys/alice'), `${K.ed[0]!.pub}\n`);
+    replace(join(dir, 'users.nix'), '{ alice = { keys = ./keys/alice; }; }');
     await changed;
     // The poll may see the key file before users.nix: wait until alice is there.
     while (!w.registry.users.has('alice')) await nextEvent(w, 'change');
