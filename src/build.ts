@@ -179,6 +179,13 @@ function errMsg(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
+/** Why a build was cancelled: the abort reason if it gives one (e.g. shutdown), else the client went away. */
+function cancelMessage(drvPath: string, signal: AbortSignal): string {
+  const r: unknown = signal.reason;
+  const why = r instanceof Error && r.name !== 'AbortError' ? r.message : 'the client went away';
+  return `build of '${drvPath}' cancelled: ${why}`;
+}
+
 /** Bytes (latin1 string) to text for a message: valid UTF-8 is shown as such. */
 function latin1ToText(s: string): string {
   return Buffer.from(s, 'latin1').toString('utf8');
@@ -673,7 +680,7 @@ export class Builder {
       }
 
       // 4. A slot.
-      if (signal.aborted) fail(BuildStatus.MiscFailure, `build of '${drvPath}' cancelled: the client went away`);
+      if (signal.aborted) fail(BuildStatus.MiscFailure, cancelMessage(drvPath, signal));
       let slot: Slot;
       try {
         slot = await this.scheduler.acquire(user, {
@@ -687,8 +694,7 @@ export class Builder {
           },
         });
       } catch (e) {
-        if (signal.aborted)
-          return fail(BuildStatus.MiscFailure, `build of '${drvPath}' cancelled: the client went away`);
+        if (signal.aborted) return fail(BuildStatus.MiscFailure, cancelMessage(drvPath, signal));
         return fail(BuildStatus.MiscFailure, `cannot build '${drvPath}': ${errMsg(e)}`);
       }
       return await this.runInSlot({
@@ -881,8 +887,7 @@ export class Builder {
       }
     });
     proc.output.on('error', () => {});
-    const onAbort = (): void =>
-      stop(new BuildFailure(BuildStatus.MiscFailure, `build of '${drvPath}' cancelled: the client went away`));
+    const onAbort = (): void => stop(new BuildFailure(BuildStatus.MiscFailure, cancelMessage(drvPath, signal)));
     if (signal.aborted) onAbort();
     else signal.addEventListener('abort', onAbort, { once: true });
     const timers: NodeJS.Timeout[] = [];
@@ -1022,7 +1027,7 @@ export class Builder {
     };
     const cancelled = (): void => {
       if (b.signal.aborted) {
-        throw new BuildFailure(BuildStatus.MiscFailure, `build of '${drvPath}' cancelled: the client went away`);
+        throw new BuildFailure(BuildStatus.MiscFailure, cancelMessage(drvPath, b.signal));
       }
     };
     const fsOf = new Map<string, string>();

@@ -378,6 +378,36 @@ describe('builds compared with the real Nix 2.8', () => {
     expect(store.isValidPath('alice', bad.drv.outputs.get('out')!.path)).toBe(false);
   });
 
+  it('recursive fixed-output (sha256 and sha512): same output, ca and path as Nix', async () => {
+    const tree = join(work.path, 'rfod-tree');
+    mkdirSync(join(tree, 'sub'), { recursive: true });
+    writeFileSync(join(tree, 'sub', 'file'), 'recursive\n');
+    writeFileSync(join(tree, 'run'), '#!/bin/sh\n', { mode: 0o755 });
+    const { builder } = newBuilder();
+    for (const algo of ['sha256', 'sha512']) {
+      const hash = (await nix28('nix-hash', ['--type', algo, tree])).stdout.trim();
+      const d = await instantiate(
+        work.path,
+        `rfod-${algo}`,
+        `derivation {
+  name = "rfod-${algo}";
+  system = builtins.currentSystem;
+  builder = "\${bb}/bin/sh";
+  outputHashMode = "recursive";
+  outputHashAlgo = "${algo}";
+  outputHash = "${hash}";
+  args = [ "-c" "export PATH=\${bb}/bin; mkdir -p $out/sub; echo recursive > $out/sub/file; printf '#!/bin/sh\\n' > $out/run; chmod +x $out/run" ];
+}`,
+      );
+      const r = await builder.build(request('alice', d.drvPath, basicOf(store, 'alice', d)).req);
+      expect(r.status, describeResult(r)).toBe(BuildStatus.Built);
+      const out = d.drv.outputs.get('out')!.path;
+      await nixRealise(d.drvPath);
+      expect((await narOf(store, 'alice', out)).equals(await nixDump(out))).toBe(true);
+      expect(store.queryPathInfo('alice', out)!.ca).toBe((await nixPathInfo(out)).ca);
+    }
+  });
+
   it('public when verified and every input is public; private when only claimed', async () => {
     const pub = Store.open({
       stateDir: join(work.path, 'state-public'),
@@ -635,6 +665,28 @@ describe('cancellation and scheduling', () => {
     noProcessesLeft(uids);
     expect(store.stats().tempRootHolders).toBe(0);
     expect(readdirSync(join(work.path, 'builds')).filter((e) => !e.startsWith('.'))).toEqual([]);
+  });
+
+  it('close() cancels running and queued builds', async () => {
+    const { builder, scheduler, uids } = newBuilder({ maxJobs: 1 });
+    const a = fake('closing-a', 'echo started; sleep 1000');
+    const b = fake('closing-b', 'true');
+    const ra = request('alice', a.drvPath, a.drv);
+    const pa = builder.build(ra.req);
+    const pb = builder.build(request('bob', b.drvPath, b.drv).req);
+    while (ra.firstLogAt === undefined) await new Promise((res) => setTimeout(res, 10));
+    expect(builder.activeBuilds).toBe(2);
+    const t0 = Date.now();
+    await builder.close();
+    expect(Date.now() - t0).toBeLessThan(1000);
+    expect(await pa).toMatchObject({
+      status: BuildStatus.MiscFailure,
+      errorMsg: `build of '${a.drvPath}' cancelled: the box is shutting down`,
+    });
+    expect((await pb).status).toBe(BuildStatus.MiscFailure);
+    expect(builder.activeBuilds).toBe(0);
+    expect(scheduler.stats()).toMatchObject({ busy: 0, queue: [] });
+    noProcessesLeft(uids);
   });
 
   it('aborting a queued build removes it from the queue', async () => {
