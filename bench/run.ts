@@ -10,7 +10,7 @@
  * Every size is a flag or an environment variable (`--p1-mib 512` = `BENCH_P1_MIB=512`); `--help` lists them.
  * It reports, it never fails on a missed target; it exits non-zero only when the harness itself breaks.
  */
-import { existsSync, mkdirSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -294,6 +294,8 @@ async function main(): Promise<number> {
   const o = parseOptions(argv);
   installSignalHandlers();
   const dir = benchTempDir('buildbox-bench-', o.keep);
+  // buildbox's build users (unprivileged slot uids) must be able to reach its state dir inside.
+  chmodSync(dir, 0o755);
   log(`temp dir ${dir}; workloads ${o.workloads.join(',')}; protocols ${o.protocols.join(',')}; reps ${o.reps}`);
   const machine = await machineInfo(REPO);
   const results = new Results();
