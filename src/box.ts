@@ -7,11 +7,13 @@ import { existsSync, mkdirSync, statSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { Builder } from './build.js';
-import type { Config } from './config.js';
+import { boxInfo } from './client-config.js';
+import { type Config, systemsOf } from './config.js';
 import { runCommand } from './dispatch.js';
 import { type HostKey, loadOrCreateHostKey } from './host-key.js';
 import { Registry } from './registry-runtime.js';
 import { Scheduler } from './scheduler.js';
+import { SESSION_SOCKET_FILE, type SessionSocketHandle, startSessionSocket } from './session-socket.js';
 import { loadPublicKey, loadSecretKey, type PublicKey, SecretKey, savePublicKey, saveSecretKey } from './signing.js';
 import { type SshServerHandle, startSshServer } from './ssh-server.js';
 import { type StatusServerHandle, startStatusServer } from './status-server.js';
@@ -26,6 +28,8 @@ export interface Box {
   scheduler: Scheduler;
   builder: Builder;
   ssh: SshServerHandle;
+  /** `<stateDir>/session.sock`, where the OpenSSH front door's forced command (`buildbox session`) connects. */
+  sessions: SessionSocketHandle;
   status: StatusServerHandle | null;
   port: number;
   logger: Logger;
@@ -128,7 +132,26 @@ export async function startBox(config: Config, logger: Logger): Promise<Box> {
     },
     logger: logger.child({ part: 'build' }),
   });
-  const ctx = { store, builder, logger };
+  const ctx = {
+    store,
+    builder,
+    logger,
+    // What `buildbox-info` answers (client-config --host, doctor).
+    info: (user: string) =>
+      boxInfo(
+        {
+          hostName: config.hostName,
+          systems: systemsOf(config),
+          maxJobs: config.maxJobs,
+          supportedFeatures: config.supportedFeatures,
+          mandatoryFeatures: config.mandatoryFeatures,
+          hostKey,
+          signingKey: signingKey.publicKey,
+        },
+        user,
+        registry.jobsLimit(user),
+      ),
+  };
   const ssh = await startSshServer({
     hostKey,
     listen: config.listen,
@@ -138,6 +161,20 @@ export async function startBox(config: Config, logger: Logger): Promise<Box> {
     authTimeoutMs: config.authTimeout * 1000,
     maxConnections: config.maxConnections,
     logger: logger.child({ part: 'ssh' }),
+  });
+  // The OpenSSH front door: sshd authenticates (buildbox authorized-keys) and runs `buildbox session USER`, which
+  // connects here; the user must still be in the registry now.
+  const sessions = await startSessionSocket(
+    join(config.stateDir, SESSION_SOCKET_FILE),
+    async (req) => {
+      if (registry.knownUsers().has(req.user)) return runCommand(ctx, req);
+      req.stderr.write(`buildbox: there is no user ${req.user} in the box's registry\n`);
+      return 1;
+    },
+    logger.child({ part: 'session-socket' }),
+  ).catch(async (e: unknown) => {
+    await ssh.close();
+    throw e;
   });
   const startedAt = Date.now();
   const box: Box = {
@@ -149,6 +186,7 @@ export async function startBox(config: Config, logger: Logger): Promise<Box> {
     scheduler,
     builder,
     ssh,
+    sessions,
     status: null,
     port: ssh.port,
     logger,
@@ -156,6 +194,7 @@ export async function startBox(config: Config, logger: Logger): Promise<Box> {
     close: async () => {
       clearInterval(gcTimer);
       await ssh.close();
+      await sessions.close();
       await box.status?.close();
       await builder.close?.();
       registry.close();

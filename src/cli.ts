@@ -4,6 +4,7 @@
  * `buildbox --help` stays fast and a broken optional part never stops the others.
  */
 import { Command, CommanderError } from 'commander';
+import { registerClientCommands } from './commands/client.js';
 import { registerServeCommands } from './commands/serve.js';
 import { registerUsersCommands } from './commands/users.js';
 import { VERSION } from './version.js';
@@ -29,6 +30,7 @@ export function buildProgram(): Command {
     .showHelpAfterError();
   registerServeCommands(program);
   registerUsersCommands(program);
+  registerClientCommands(program);
   return program;
 }
 

@@ -15,6 +15,8 @@ export interface CommandContext {
   store: Store;
   builder: Builder;
   logger: Logger;
+  /** The answer to `buildbox-info` for this user (client-config.ts `boxInfo`); absent: the command is refused. */
+  info?: (user: string) => unknown;
 }
 
 export interface CommandRequest {
@@ -55,6 +57,17 @@ export async function runCommand(ctx: CommandContext, req: CommandRequest): Prom
         const st: WorkerStats = { operations: 0, bytesIn: 0, bytesOut: 0, clientVersion: 0 };
         stats = st;
         code = await runWorker(session, { input: req.stdin, output: req.stdout }, st);
+        break;
+      }
+      case 'info': {
+        const info = ctx.info?.(req.user);
+        if (info === undefined) {
+          if (!req.stderr.destroyed) req.stderr.write(`${UNKNOWN_COMMAND_MESSAGE}\n`);
+          code = 1;
+          break;
+        }
+        await new Promise<void>((resolve) => req.stdout.write(`${JSON.stringify(info)}\n`, () => resolve()));
+        code = 0;
         break;
       }
       default:

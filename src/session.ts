@@ -27,6 +27,7 @@ export function newSessionId(): string {
 export type ProtocolRequest =
   | { protocol: 'serve'; write: boolean }
   | { protocol: 'worker' }
+  | { protocol: 'info' }
   | { protocol: 'unknown'; command: string };
 
 /**
@@ -61,6 +62,8 @@ export function parseCommand(command: string): ProtocolRequest {
     if (knownArgs(flags, new Set(['--store']))) return { protocol: 'worker' };
   }
   if (prog === 'nix' && args[0] === 'daemon' && args.includes('--stdio')) return { protocol: 'worker' };
+  // The box describing itself (systems, features, host key) as JSON, for `buildbox client-config --host` and `doctor`.
+  if (prog === 'buildbox-info' && args.length === 0) return { protocol: 'info' };
   return { protocol: 'unknown', command };
 }
 
