@@ -970,16 +970,22 @@ class WorkerConnection {
         let narSize: number;
         let nar: AsyncIterable<Buffer>;
         if (method === 'recursive') {
-          const h = new HashSink('sha256');
-          const fh2 = await open(tmp, 'r');
-          try {
-            for await (const c of fh2.createReadStream({ autoClose: false })) h.update(c as Buffer);
-          } finally {
-            await fh2.close();
+          // The payload is the NAR itself: its sha256 is the NAR hash (a second pass only for other algorithms).
+          if (algo === 'sha256') {
+            narHash = caHash;
+            narSize = caSink.size;
+          } else {
+            const h = new HashSink('sha256');
+            const fh2 = await open(tmp, 'r');
+            try {
+              for await (const c of fh2.createReadStream({ autoClose: false })) h.update(c as Buffer);
+            } finally {
+              await fh2.close();
+            }
+            const f = h.finish();
+            narHash = f.hash;
+            narSize = f.size;
           }
-          const f = h.finish();
-          narHash = f.hash;
-          narSize = f.size;
           nar = (async function* () {
             const fh3 = await open(tmp, 'r');
             try {

@@ -1,18 +1,18 @@
 /**
  * Issue 5 end to end: the real Nix clients (2.8 on the host, 2.26 in the trixie root) talk the worker protocol to a
  * running box over `ssh-ng://` through the real OpenSSH client: store info, copies both ways, path info, remote builds
- * with `--builders 'ssh-ng://â€¦'`, and remote-store builds (`nix build --store ssh-ng://â€¦ --eval-store auto`) whose
+ * with `--builders 'ssh-ng://â€¦'`, and remote-store builds (`nix build --store ssh-ng://â€¦ --eval-store auto`, both clients) whose
  * verified outputs become public, signed by the box, and are not rebuilt for another user; while the output of a
  * legacy (unverifiable) BuildDerivation stays private. Plus bad input through the real front door.
  */
-import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { drvNameFromPath, parseDerivation } from '../src/derivation.js';
 import { SecretKey } from '../src/signing.js';
 import { STDERR_ERROR, STDERR_LAST, WORKER_MAGIC_1, WORKER_MAGIC_2 } from '../src/worker-protocol.js';
 import { startTestBox, type TestBox } from './helpers/box.js';
-import { CLIENTS, nix226 } from './helpers/nix.js';
+import { CLIENTS } from './helpers/nix.js';
 import { openRaw, serveHandshake } from './helpers/serve-client.js';
 import { uniqueTag } from './helpers/store-fixtures.js';
 
@@ -27,8 +27,6 @@ beforeAll(async () => {
     users: ['alice', 'bob', 'carol'],
     config: { shareContentAddressed: true, statusPort: null },
   });
-  // The build uids must be able to traverse the temp dir down to the state dir's build directories.
-  chmodSync(tb.dir, 0o711);
   tag = uniqueTag();
   helloNix = tb.helloBox();
 });
@@ -144,10 +142,11 @@ describe.each(CLIENTS)('ssh-ng:// with $name', (client) => {
   });
 });
 
-describe('remote-store builds with the 2.26 client (nix build --store ssh-ng://â€¦ --eval-store auto)', () => {
-  const build = (user: string, greeting: string) =>
-    tb.nix(
-      nix226,
+describe.each(CLIENTS)('remote-store builds with $name (nix build --store ssh-ng://â€¦ --eval-store auto)', (client) => {
+  const salt = client.name.replace(/\W/g, '');
+  const build = async (user: string, greeting: string) => {
+    const r = await tb.nix(
+      client.run,
       'nix',
       [
         'build',
@@ -161,25 +160,29 @@ describe('remote-store builds with the 2.26 client (nix build --store ssh-ng://â
         'greeting',
         greeting,
         '--no-link',
-        '--print-out-paths',
+        '--json',
         '-L',
       ],
       { allowFail: true },
     );
+    const out =
+      r.code === 0 ? (JSON.parse(r.stdout) as Array<{ outputs: Record<string, string> }>)[0]?.outputs.out : undefined;
+    return { ...r, out };
+  };
 
   it('builds on the box for alice; bob gets the same output without a rebuild, signed by the box', async () => {
-    const greeting = `shared${tag}`;
+    const greeting = `shared${salt}${tag}`;
     const a = await build('alice', greeting);
     if (a.code !== 0) throw new Error(`alice's build failed:\n${a.stderr}`);
-    const out = a.stdout.trim();
+    const out = a.out!;
     expect(out).toMatch(/^\/nix\/store\/[0-9a-z]{32}-hello-box$/);
     expect(a.stderr).toMatch(/building '\/nix\/store\/[0-9a-z]{32}-hello-box\.drv'/);
 
     const b = await build('bob', greeting);
     if (b.code !== 0) throw new Error(`bob's build failed:\n${b.stderr}`);
-    expect(b.stdout.trim()).toBe(out);
+    expect(b.out).toBe(out);
     expect(b.stderr).toContain(
-      `'${out}' is already valid on the box (public, signed by ${tb.box.signingKey.name}); not rebuilt`,
+      `buildbox: '${out}' is already valid on the box (public, signed by ${tb.box.signingKey.name}); not rebuilt`,
     );
     expect(b.stderr).not.toMatch(/building '/);
 
@@ -187,7 +190,7 @@ describe('remote-store builds with the 2.26 client (nix build --store ssh-ng://â
     const pub = tb.box.signingKey.publicKey.toString();
     const verify = (key: string) =>
       tb.nix(
-        nix226,
+        client.run,
         'nix',
         ['store', 'verify', '--store', 'ssh-ng://bob@box', '--trusted-public-keys', key, '--sigs-needed', '1', out],
         { allowFail: true },
@@ -195,8 +198,8 @@ describe('remote-store builds with the 2.26 client (nix build --store ssh-ng://â
     const good = await verify(pub);
     if (good.code !== 0) throw new Error(`nix store verify failed:\n${good.stderr}`);
     expect((await verify(SecretKey.generate('someone-else-1').publicKey.toString())).code).not.toBe(0);
-    const dst = tb.clientStore(`rs-bob-${tag}`);
-    await tb.nix(nix226, 'nix', [
+    const dst = tb.clientStore(`rs-bob-${salt}-${tag}`);
+    await tb.nix(client.run, 'nix', [
       'copy',
       '--from',
       'ssh-ng://bob@box',
@@ -209,10 +212,39 @@ describe('remote-store builds with the 2.26 client (nix build --store ssh-ng://â
     expect(readFileSync(join(dst, out, 'greeting'), 'utf8')).toBe(`${greeting}\n`);
   });
 
+  it('nix-store --realise: QueryMissing says what will be built, then BuildPaths builds it', async () => {
+    const root = tb.clientStore(`realise-${salt}-${tag}`);
+    const drvPath = (
+      await tb.nix(client.run, 'nix-instantiate', [
+        '--store',
+        `local?root=${root}`,
+        helloNix,
+        '--argstr',
+        'greeting',
+        `realise${salt}${tag}`,
+      ])
+    ).stdout.trim();
+    await tb.nix(client.run, 'nix', [
+      'copy',
+      '--derivation',
+      '--from',
+      `local?root=${root}`,
+      '--to',
+      'ssh-ng://carol@box',
+      drvPath,
+    ]);
+    const r = await tb.nix(client.run, 'nix-store', ['--store', 'ssh-ng://carol@box', '--realise', drvPath]);
+    expect(r.stderr).toMatch(new RegExp(`derivations? will be built:\\s+${drvPath.replace(/\./g, '\\.')}`));
+    const out = r.stdout.trim();
+    expect(out).toMatch(/-hello-box$/);
+    expect(await pathInfo(client, 'carol', out)).toBeDefined();
+  });
+
   it('reports a failing build as a clear error', async () => {
-    const r = await build('carol', 'x; exit 3; echo');
+    const r = await build('carol', `x${salt}; exit 3; echo`);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/hello-box\.drv/);
+    expect(r.stderr).toMatch(/exit code 3/);
   });
 });
 

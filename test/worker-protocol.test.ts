@@ -551,7 +551,7 @@ describe('uploads and queries with Nix 2.8 fixtures', () => {
     expect(await c.close()).toBe(0);
   });
 
-  it('AddToStore computes the same paths as nix-store --add, --add-fixed and builtins.toFile', async () => {
+  it('AddToStore computes the same paths as nix-store --add, --add-fixed [--recursive] and builtins.toFile', async () => {
     const dir = join(work.path, `ats-${tag}`);
     mkdirSync(join(dir, 'tree', 'sub'), { recursive: true });
     writeFileSync(join(dir, 'tree', 'sub', 'f'), `tree ${tag}\n`);
@@ -589,6 +589,12 @@ describe('uploads and queries with Nix 2.8 fixtures', () => {
     const tree = await addToStore('tree', 'fixed:r:sha256', [], await nixDump(treePath));
     expect(tree.path).toBe(treePath);
     expect(tree.narHash).toBe(Hash.parseAnyPrefixed((await nixPathInfo(treePath)).narHash).toBase16());
+    const rsha1Path = (
+      await nix28('nix-store', ['--add-fixed', '--recursive', 'sha1', join(dir, 'tree')])
+    ).stdout.trim();
+    const rsha1 = await addToStore('tree', 'fixed:r:sha1', [], await nixDump(treePath));
+    expect(rsha1.path).toBe(rsha1Path);
+    expect(rsha1.ca).toBe((await nixPathInfo(rsha1Path)).ca);
     const flat = await addToStore('flat.txt', 'fixed:sha256', [], Buffer.from(`flat ${tag}\n`));
     expect(flat.path).toBe(flatPath);
     expect(flat.ca).toBe((await nixPathInfo(flatPath)).ca);
