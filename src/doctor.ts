@@ -794,8 +794,10 @@ export async function runDoctor(opts: DoctorOptions): Promise<DoctorReport> {
           'auth',
           'authentication',
           `the box refused ${key ?? 'your keys'} for user ${user} (${why})`,
-          `check that ${user} is your name in the box's registry and that ${key ? `${key}.pub` : 'your public key'} is in its keys/${user}; ` +
-            'a key with a passphrase also ends here',
+          checks.some((c) => c.id === 'passphrase' && c.status === 'fail')
+            ? 'the key has a passphrase (see above), which ssh cannot use unattended: fix that first'
+            : `check that ${user} is your name in the box's registry and that ${key ? `${key}.pub` : 'your public key'} ` +
+                `is in its keys/${user} (the admin adds it; the box reloads its registry by itself)`,
         );
       } else {
         fail(
