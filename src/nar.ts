@@ -8,6 +8,11 @@
  *
  * Names and symlink targets are arbitrary bytes: they are handled as Buffers (never decoded), and file system paths
  * below the top-level node are Buffers too, so non-UTF-8 names round-trip exactly.
+ *
+ * The file system work of both directions runs in one shared worker thread with synchronous calls, batched: the event
+ * loop never waits on the disk, and a tree of many small files costs no thread-pool round trip per system call. The
+ * main thread parses, validates and hashes. Memory is bounded (a few MiB of chunks ahead for a dump, at most 16 MiB
+ * queued for extraction), whatever the size of the NAR.
  */
 import { createHash, type Hash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -48,7 +53,7 @@ export interface NarSummary {
   narSize: number;
 }
 
-/** Streaming sha256 + size over NAR bytes; small updates are coalesced to keep the per-call overhead down. */
+/** Streaming sha256 + size over NAR bytes, e.g. `dumpPath(p, { onChunk: (b) => hasher.update(b) })`. */
 export class NarHasher {
   private readonly h: Hash = createHash('sha256');
   size = 0;
@@ -79,7 +84,7 @@ function tokenBytes(s: string): Buffer {
   return out;
 }
 
-const T_MAGIC = tokenBytes('nix-archive-1');
+// The main thread only reads NARs; the writer's tokens live in the worker.
 const T_OPEN = tokenBytes('(');
 const T_CLOSE = tokenBytes(')');
 const T_TYPE = tokenBytes('type');
@@ -94,13 +99,6 @@ const T_ENTRY = tokenBytes('entry');
 const T_NAME = tokenBytes('name');
 const T_NODE = tokenBytes('node');
 
-/** `( type regular contents` / `( type regular executable "" contents` (the length of the contents follows). */
-const H_REGULAR = Buffer.concat([T_OPEN, T_TYPE, T_REGULAR, T_CONTENTS]);
-const H_EXECUTABLE = Buffer.concat([T_OPEN, T_TYPE, T_REGULAR, T_EXECUTABLE, T_EMPTY, T_CONTENTS]);
-const H_SYMLINK = Buffer.concat([T_OPEN, T_TYPE, T_SYMLINK, T_TARGET]);
-const H_DIRECTORY = Buffer.concat([T_OPEN, T_TYPE, T_DIRECTORY]);
-const H_ENTRY = Buffer.concat([T_ENTRY, T_OPEN, T_NAME]);
-const ZEROS = Buffer.alloc(8);
 /** Runs of tokens the reader recognises in one comparison when they are already buffered. */
 const S_OPEN_TYPE = Buffer.concat([T_OPEN, T_TYPE]);
 const S_REGULAR = Buffer.concat([T_REGULAR, T_CONTENTS]);
@@ -125,40 +123,392 @@ export function showBytes(b: Buffer, max = 64): string {
   return `"${s}${b.length > max ? '…' : ''}"`;
 }
 
-function showPath(p: Buffer | string): string {
-  return typeof p === 'string' ? p : p.toString('utf8');
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Promisified callback fs (cheaper than fs.promises' FileHandle machinery on hot paths)
-// ---------------------------------------------------------------------------------------------------------------
-
-type PathLike = string | Buffer;
-
-function pOpen(path: PathLike, flags: number, mode?: number): Promise<number> {
-  return new Promise((res, rej) => fs.open(path, flags, mode, (e, fd) => (e ? rej(e) : res(fd))));
-}
-function pClose(fd: number): Promise<void> {
-  return new Promise((res, rej) => fs.close(fd, (e) => (e ? rej(e) : res())));
-}
-function pFstat(fd: number): Promise<fs.Stats> {
-  return new Promise((res, rej) => fs.fstat(fd, (e, st) => (e ? rej(e) : res(st))));
-}
-function pRead(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
-  return new Promise((res, rej) => fs.read(fd, buf, off, len, pos, (e, n) => (e ? rej(e) : res(n))));
-}
-function pLstat(path: PathLike): Promise<fs.Stats> {
+function pLstat(path: string | Buffer): Promise<fs.Stats> {
   return new Promise((res, rej) => fs.lstat(path, (e, st) => (e ? rej(e) : res(st))));
 }
-function pReadlink(path: PathLike): Promise<Buffer> {
-  return new Promise((res, rej) =>
-    fs.readlink(path, { encoding: 'buffer' }, (e, t) => (e ? rej(e) : res(t as unknown as Buffer))),
-  );
+
+// ---------------------------------------------------------------------------------------------------------------
+// The I/O worker: one shared worker thread performs the file system work of both directions synchronously — walking
+// and reading a tree for `dumpPath`, creating one for `restoreNar` — so that the event loop never blocks on the file
+// system and many small files cost no thread-pool round trip per system call. Work travels in batches: a dump
+// replies with ~1 MiB chunks of finished NAR bytes; an extraction posts ~1 MiB batches of operations and data.
+// ---------------------------------------------------------------------------------------------------------------
+
+const OP_MKDIR = 1;
+const OP_OPEN = 2;
+const OP_WRITE = 3;
+const OP_END = 4;
+const OP_SYMLINK = 5;
+const OP_FIXDIR = 6;
+
+/** The worker: plain CommonJS (evaluated with `eval: true`), so it runs the same from sources, tests and dist. */
+const WORKER_SOURCE = `
+'use strict';
+const { parentPort } = require('node:worker_threads');
+const fs = require('node:fs');
+const C = fs.constants;
+
+// ---- extraction: run batches of operations; paths and data are (offset, length) into the batch's data buffer ----
+const O_CREATE = C.O_WRONLY | C.O_CREAT | C.O_EXCL | C.O_NOFOLLOW;
+// Files are created with their final mode; fchmod is only needed when the umask would strip some of its bits.
+const needChmod = (process.umask() & 0o555) !== 0;
+const extractions = new Map();
+function closeAll(job) {
+  for (const fd of job.fds.values()) { try { fs.closeSync(fd); } catch {} }
+  job.fds.clear();
 }
-function pReaddir(path: PathLike): Promise<fs.Dirent<Buffer>[]> {
-  return new Promise((res, rej) =>
-    fs.readdir(path, { encoding: 'buffer', withFileTypes: true }, (e, d) => (e ? rej(e) : res(d))),
-  );
+function run(job, ops, data) {
+  const b = (i) => data.subarray(ops[i], ops[i] + ops[i + 1]);
+  for (let i = 0; i < ops.length; ) {
+    switch (ops[i]) {
+      case ${OP_MKDIR}: fs.mkdirSync(b(i + 1), 0o700); i += 3; break;
+      case ${OP_OPEN}: job.fds.set(ops[i + 1], fs.openSync(b(i + 2), O_CREATE, ops[i + 4])); i += 5; break;
+      case ${OP_WRITE}: {
+        const fd = job.fds.get(ops[i + 1]);
+        let off = ops[i + 2];
+        const end = off + ops[i + 3];
+        while (off < end) off += fs.writeSync(fd, data, off, end - off);
+        i += 4;
+        break;
+      }
+      case ${OP_END}: {
+        const fd = job.fds.get(ops[i + 1]);
+        job.fds.delete(ops[i + 1]);
+        try {
+          if (needChmod) fs.fchmodSync(fd, ops[i + 2]);
+          fs.futimesSync(fd, 1, 1);
+        } finally {
+          fs.closeSync(fd);
+        }
+        i += 3;
+        break;
+      }
+      case ${OP_SYMLINK}: { const p = b(i + 1); fs.symlinkSync(b(i + 3), p); fs.lutimesSync(p, 1, 1); i += 5; break; }
+      case ${OP_FIXDIR}: { const p = b(i + 1); fs.chmodSync(p, 0o555); fs.utimesSync(p, 1, 1); i += 3; break; }
+      default: throw new Error('bad NAR extraction op ' + ops[i]);
+    }
+  }
+}
+function extract(m) {
+  let job = extractions.get(m.id);
+  if (!job) extractions.set(m.id, (job = { fds: new Map(), failed: false }));
+  let error;
+  if (!job.failed && m.nops > 0) {
+    try {
+      run(job, new Int32Array(m.ops, 0, m.nops), m.data ? Buffer.from(m.data) : Buffer.alloc(0));
+    } catch (e) {
+      job.failed = true;
+      closeAll(job);
+      error = { message: String(e && e.message), code: e && e.code };
+    }
+  }
+  if (m.last) { closeAll(job); extractions.delete(m.id); }
+  parentPort.postMessage({ id: m.id, bytes: m.bytes, last: !!m.last, error });
+}
+
+// ---- dump: a depth-first walk that serialises straight into the reply buffer ----
+function token(s) {
+  const d = Buffer.from(s, 'latin1');
+  const o = Buffer.alloc(8 + d.length + ((8 - (d.length % 8)) % 8));
+  o.writeUInt32LE(d.length, 0);
+  d.copy(o, 8);
+  return o;
+}
+const T_MAGIC = token('nix-archive-1');
+const T_OPEN = token('(');
+const T_CLOSE = token(')');
+const T_TYPE = token('type');
+const T_NODE = token('node');
+const H_REGULAR = Buffer.concat([T_OPEN, T_TYPE, token('regular'), token('contents')]);
+const H_EXECUTABLE = Buffer.concat([T_OPEN, T_TYPE, token('regular'), token('executable'), token(''), token('contents')]);
+const H_SYMLINK = Buffer.concat([T_OPEN, T_TYPE, token('symlink'), token('target')]);
+const H_DIRECTORY = Buffer.concat([T_OPEN, T_TYPE, token('directory')]);
+const H_ENTRY = Buffer.concat([token('entry'), T_OPEN, token('name')]);
+const ZEROS = Buffer.alloc(8);
+const SLASH = Buffer.from('/');
+const O_READ = C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK;
+const S_IXUSR = 0o100;
+
+function dumpError(message) {
+  const e = new Error(message);
+  e.dump = true;
+  return e;
+}
+function kindName(k) {
+  if (k.isSocket()) return 'a socket';
+  if (k.isFIFO()) return 'a named pipe';
+  if (k.isCharacterDevice()) return 'a character device';
+  if (k.isBlockDevice()) return 'a block device';
+  return 'of an unknown file type';
+}
+
+class Dump {
+  constructor(root, cap) {
+    this.cap = cap;
+    this.tok = Buffer.allocUnsafe(64 * 1024);
+    this.tokStart = 0;
+    this.tokEnd = 0;
+    this.stack = [];
+    this.fd = -1;
+    this.path = null;
+    this.size = 0;
+    this.left = 0;
+    this.finished = false;
+    this.node = { path: root, kind: fs.lstatSync(root) };
+    this.raw(T_MAGIC);
+  }
+  raw(b) {
+    if (this.tokEnd + b.length > this.tok.length) {
+      const bigger = Buffer.allocUnsafe(Math.max(this.tok.length * 2, this.tokEnd - this.tokStart + b.length));
+      this.tokEnd = this.tok.copy(bigger, 0, this.tokStart, this.tokEnd);
+      this.tokStart = 0;
+      this.tok = bigger;
+    }
+    this.tokEnd += b.copy(this.tok, this.tokEnd);
+  }
+  u64(v) {
+    const b = Buffer.allocUnsafe(8);
+    b.writeUInt32LE(v % 0x100000000, 0);
+    b.writeUInt32LE(Math.floor(v / 0x100000000), 4);
+    this.raw(b);
+  }
+  pad(n) {
+    const p = (8 - (n % 8)) % 8;
+    if (p > 0) this.raw(ZEROS.subarray(0, p));
+  }
+  str(b) {
+    this.u64(b.length);
+    this.raw(b);
+    this.pad(b.length);
+  }
+  /** The node is complete: close it (and the entry holding it), then find the next one. */
+  closeNode() {
+    this.raw(T_CLOSE);
+    if (this.stack.length > 0) this.raw(T_CLOSE);
+    this.advance();
+  }
+  advance() {
+    while (this.stack.length > 0) {
+      const f = this.stack[this.stack.length - 1];
+      if (f.i < f.entries.length) {
+        const d = f.entries[f.i++];
+        this.raw(H_ENTRY);
+        this.str(d.name);
+        this.raw(T_NODE);
+        this.node = { path: Buffer.concat([f.path, SLASH, d.name]), kind: d };
+        return;
+      }
+      this.raw(T_CLOSE); // end of the directory node
+      this.stack.pop();
+      if (this.stack.length > 0) this.raw(T_CLOSE); // end of the entry holding it
+    }
+    this.finished = true;
+  }
+  emitNode() {
+    const { path, kind } = this.node;
+    this.node = null;
+    if (kind.isFile()) {
+      let fd;
+      try {
+        fd = fs.openSync(path, O_READ);
+      } catch (e) {
+        if (e.code === 'ELOOP') throw dumpError('cannot dump ' + path.toString() + ': it became a symlink while being dumped');
+        throw e;
+      }
+      let st;
+      try {
+        st = fs.fstatSync(fd);
+        if (!st.isFile()) throw dumpError('cannot dump ' + path.toString() + ': it changed type while being dumped');
+      } catch (e) {
+        fs.closeSync(fd);
+        throw e;
+      }
+      this.raw((st.mode & S_IXUSR) !== 0 ? H_EXECUTABLE : H_REGULAR);
+      this.u64(st.size);
+      if (st.size === 0) {
+        fs.closeSync(fd);
+        this.closeNode();
+      } else {
+        this.fd = fd;
+        this.path = path;
+        this.size = this.left = st.size;
+      }
+    } else if (kind.isSymbolicLink()) {
+      const target = fs.readlinkSync(path, { encoding: 'buffer' });
+      this.raw(H_SYMLINK);
+      this.str(target);
+      this.closeNode();
+    } else if (kind.isDirectory()) {
+      const entries = fs.readdirSync(path, { withFileTypes: true, encoding: 'buffer' });
+      entries.sort((a, b) => Buffer.compare(a.name, b.name));
+      this.raw(H_DIRECTORY);
+      this.stack.push({ path, entries, i: 0 });
+      this.advance();
+    } else {
+      throw dumpError('cannot put ' + path.toString() + ' in a NAR: it is ' + kindName(kind) +
+        ' (only regular files, symlinks and directories can be)');
+    }
+  }
+  /** Fill out[0..cap) with the next NAR bytes; returns how many (fewer only at the end). */
+  fill(out) {
+    let n = 0;
+    const cap = out.length;
+    while (n < cap) {
+      if (this.tokStart < this.tokEnd) {
+        const k = Math.min(cap - n, this.tokEnd - this.tokStart);
+        this.tok.copy(out, n, this.tokStart, this.tokStart + k);
+        n += k;
+        this.tokStart += k;
+        if (this.tokStart === this.tokEnd) this.tokStart = this.tokEnd = 0;
+      } else if (this.fd >= 0) {
+        const r = fs.readSync(this.fd, out, n, Math.min(cap - n, this.left), this.size - this.left);
+        if (r === 0) throw dumpError('cannot dump ' + this.path.toString() + ': the file shrank while being dumped');
+        n += r;
+        this.left -= r;
+        if (this.left === 0) {
+          fs.closeSync(this.fd);
+          this.fd = -1;
+          this.pad(this.size);
+          this.closeNode();
+        }
+      } else if (this.node !== null) {
+        this.emitNode();
+      } else {
+        break;
+      }
+    }
+    return n;
+  }
+  get done() {
+    return this.finished && this.node === null && this.fd < 0 && this.tokStart === this.tokEnd;
+  }
+  close() {
+    if (this.fd >= 0) { try { fs.closeSync(this.fd); } catch {} }
+    this.fd = -1;
+  }
+}
+
+const dumps = new Map();
+function errorOf(e) {
+  return { message: String(e && e.message), code: e && e.code, dump: !!(e && e.dump) };
+}
+function dumpStart(m) {
+  try {
+    dumps.set(m.id, new Dump(Buffer.from(m.path, 'latin1'), m.cap));
+  } catch (e) {
+    dumps.set(m.id, { error: errorOf(e) });
+  }
+}
+function dumpMore(m) {
+  const d = dumps.get(m.id);
+  if (!d) return parentPort.postMessage({ id: m.id, len: 0, done: true });
+  if (d.error) {
+    dumps.delete(m.id);
+    return parentPort.postMessage({ id: m.id, len: 0, done: true, error: d.error });
+  }
+  const out = Buffer.allocUnsafeSlow(d.cap);
+  let n;
+  try {
+    n = d.fill(out);
+  } catch (e) {
+    d.close();
+    dumps.delete(m.id);
+    return parentPort.postMessage({ id: m.id, len: 0, done: true, error: errorOf(e) });
+  }
+  const done = d.done;
+  if (done) dumps.delete(m.id);
+  parentPort.postMessage({ id: m.id, data: out.buffer, len: n, done }, [out.buffer]);
+}
+function dumpCancel(m) {
+  const d = dumps.get(m.id);
+  if (d && d.close) d.close();
+  dumps.delete(m.id);
+}
+
+parentPort.on('message', (m) => {
+  switch (m.k) {
+    case 'x': return extract(m);
+    case 'ds': return dumpStart(m);
+    case 'dm': return dumpMore(m);
+    case 'dc': return dumpCancel(m);
+  }
+});
+`;
+
+interface WorkerReply {
+  id: number;
+  /** Extraction: bytes of the acknowledged batch, and whether it was the job's last. */
+  bytes?: number;
+  last?: boolean;
+  /** Dump: a chunk of NAR bytes (`len` of `data`), and whether the NAR is complete. */
+  data?: ArrayBuffer;
+  len?: number;
+  done?: boolean;
+  error?: { message: string; code?: string; dump?: boolean };
+}
+
+/**
+ * The process-wide I/O worker, started on first use. It keeps the process alive only while a reply is awaited, so an
+ * abandoned dump (a generator neither finished nor closed) cannot keep a process from exiting, while an operation in
+ * progress cannot be cut short by the process exiting under it.
+ */
+class IoWorker {
+  private static instance: IoWorker | null = null;
+  private readonly w: Worker;
+  private readonly jobs = new Map<number, (m: WorkerReply) => void>();
+  private nextId = 1;
+  /** Requests posted and not yet answered. */
+  private awaited = 0;
+  dead: Error | null = null;
+
+  static get(): IoWorker {
+    if (IoWorker.instance === null || IoWorker.instance.dead) IoWorker.instance = new IoWorker();
+    return IoWorker.instance;
+  }
+
+  private constructor() {
+    this.w = new Worker(WORKER_SOURCE, { eval: true, name: 'buildbox-nar-io' });
+    this.w.unref();
+    this.w.on('message', (m: WorkerReply) => {
+      if (--this.awaited === 0) this.w.unref();
+      this.jobs.get(m.id)?.(m);
+    });
+    const die = (e: Error) => {
+      this.dead ??= e;
+      this.awaited = 0;
+      this.w.unref();
+      if (IoWorker.instance === this) IoWorker.instance = null;
+      // Every job still open learns it is over (each closes itself, removing it from the map).
+      for (const [id, cb] of this.jobs) this.deadReply(id, cb);
+    };
+    this.w.on('error', die);
+    this.w.on('exit', (code) => die(new Error(`the NAR I/O worker exited (code ${code})`)));
+  }
+
+  private deadReply(id: number, cb: (m: WorkerReply) => void): void {
+    cb({ id, bytes: 0, last: true, len: 0, done: true, error: { message: this.dead!.message } });
+  }
+
+  open(onReply: (m: WorkerReply) => void): number {
+    const id = this.nextId++;
+    this.jobs.set(id, onReply);
+    return id;
+  }
+
+  close(id: number): void {
+    this.jobs.delete(id);
+  }
+
+  /** Post a message; `reply` says whether the worker answers it (every extraction batch and dump request does). */
+  post(msg: { k: string; id: number; [key: string]: unknown }, transfer: ArrayBuffer[] = [], reply = true): void {
+    if (this.dead) {
+      const cb = this.jobs.get(msg.id);
+      if (cb && reply) queueMicrotask(() => this.deadReply(msg.id, cb));
+      return;
+    }
+    if (reply && this.awaited++ === 0) this.w.ref();
+    this.w.postMessage(msg, transfer);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -168,301 +518,108 @@ function pReaddir(path: PathLike): Promise<fs.Dirent<Buffer>[]> {
 export interface DumpOptions {
   /** Called with every chunk, in order, before it is yielded (e.g. a `NarHasher` or a reference scanner). */
   onChunk?: (b: Buffer) => void;
-  /** Read size for large files (default 1 MiB). */
+  /** Size of the chunks (default 1 MiB): file contents are read straight into them, tokens are batched into them. */
   chunkSize?: number;
 }
 
-/** Files up to this size are read whole (and prefetched); bigger ones are streamed in `chunkSize` reads. */
-const SMALL_FILE = 256 * 1024;
-/** Tokens and small file contents are batched into buffers of about this size before being yielded. */
-const BATCH = 256 * 1024;
-/** Prefetch limits: files ahead in the current directory, and bytes held by prefetched small files. */
-const PREFETCH_FILES = 16;
-const PREFETCH_BYTES = 8 * 1024 * 1024;
+/** How many chunks the worker may prepare ahead of the consumer. */
+const DUMP_AHEAD = 4;
 
-const O_READ = fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK;
-const S_IXUSR = 0o100;
+/** One dump in the worker: chunks are requested ahead and handed out in order. */
+class DumpJob {
+  private readonly worker = IoWorker.get();
+  private readonly id: number;
+  private readonly ready: Buffer[] = [];
+  private waiter: (() => void) | null = null;
+  private done = false;
+  private error: Error | null = null;
+  private closed = false;
 
-/** A regular file opened (without following symlinks) and, if small, already read. */
-interface OpenedFile {
-  fd: number;
-  size: number;
-  executable: boolean;
-  /** The whole contents for small files (fd already closed then: fd = -1). */
-  data?: Buffer;
-}
+  constructor(
+    root: Buffer,
+    private readonly cap: number,
+  ) {
+    this.id = this.worker.open((m) => this.reply(m));
+    this.worker.post({ k: 'ds', id: this.id, path: root.toString('latin1'), cap }, [], false);
+    for (let i = 0; i < DUMP_AHEAD; i++) this.request();
+  }
 
-function fileTypeName(st: fs.Stats | fs.Dirent<Buffer>): string {
-  if (st.isSocket()) return 'a socket';
-  if (st.isFIFO()) return 'a named pipe';
-  if (st.isCharacterDevice()) return 'a character device';
-  if (st.isBlockDevice()) return 'a block device';
-  return 'of an unknown file type';
-}
+  private request(): void {
+    if (!this.done && this.error === null) this.worker.post({ k: 'dm', id: this.id });
+  }
 
-function unsupported(path: Buffer | string, st: fs.Stats | fs.Dirent<Buffer>): NarDumpError {
-  return new NarDumpError(
-    `cannot put ${showPath(path)} in a NAR: it is ${fileTypeName(st)} (only regular files, symlinks and directories can be)`,
-  );
-}
-
-async function openFile(path: Buffer, smallMax: number): Promise<OpenedFile> {
-  let fd: number;
-  try {
-    fd = await pOpen(path, O_READ);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ELOOP') {
-      throw new NarDumpError(`cannot dump ${showPath(path)}: it became a symlink while being dumped`);
+  private reply(m: WorkerReply): void {
+    if (m.error) {
+      this.error ??= m.error.dump
+        ? new NarDumpError(m.error.message)
+        : Object.assign(new Error(m.error.message), { code: m.error.code });
+      this.finish();
+    } else {
+      if (m.data && m.len) {
+        // A short last chunk is copied so that it does not pin a whole chunk-sized buffer.
+        const b = Buffer.from(m.data, 0, m.len);
+        this.ready.push(m.len < this.cap / 4 ? Buffer.from(b) : b);
+      }
+      if (m.done) this.finish();
     }
-    throw e;
+    const w = this.waiter;
+    this.waiter = null;
+    w?.();
   }
-  try {
-    const st = await pFstat(fd);
-    if (!st.isFile()) throw new NarDumpError(`cannot dump ${showPath(path)}: it changed type while being dumped`);
-    const size = st.size;
-    const executable = (st.mode & S_IXUSR) !== 0;
-    if (size > smallMax) return { fd, size, executable };
-    const data = Buffer.allocUnsafe(size);
-    let got = 0;
-    while (got < size) {
-      const n = await pRead(fd, data, got, size - got, got);
-      if (n === 0) throw new NarDumpError(`cannot dump ${showPath(path)}: the file shrank while being dumped`);
-      got += n;
+
+  private finish(): void {
+    this.done = true;
+    if (!this.closed) {
+      this.closed = true;
+      this.worker.close(this.id);
     }
-    await pClose(fd);
-    return { fd: -1, size, executable, data };
-  } catch (e) {
-    fs.close(fd, () => {});
-    throw e;
-  }
-}
-
-/** Tokens and small payloads are appended here; `take()` hands them out as one buffer. */
-class Batch {
-  buf = Buffer.allocUnsafe(BATCH);
-  len = 0;
-  /** Full buffers not yet handed out (only when a single token is bigger than the room left). */
-  full: Buffer[] = [];
-
-  private room(n: number): void {
-    if (this.len + n <= this.buf.length) return;
-    if (this.len > 0) this.full.push(this.buf.subarray(0, this.len));
-    this.buf = Buffer.allocUnsafe(Math.max(BATCH, n));
-    this.len = 0;
   }
 
-  raw(b: Buffer): void {
-    this.room(b.length);
-    b.copy(this.buf, this.len);
-    this.len += b.length;
+  async next(): Promise<Buffer | null> {
+    for (;;) {
+      const b = this.ready.shift();
+      if (b !== undefined) {
+        this.request();
+        return b;
+      }
+      if (this.error) throw this.error;
+      if (this.done) return null;
+      await new Promise<void>((r) => {
+        this.waiter = r;
+      });
+    }
   }
 
-  u64(v: number): void {
-    this.room(8);
-    this.buf.writeUInt32LE(v % 0x1_0000_0000, this.len);
-    this.buf.writeUInt32LE(Math.floor(v / 0x1_0000_0000), this.len + 4);
-    this.len += 8;
+  /** The consumer stopped early: the worker closes the open file and forgets the walk. */
+  cancel(): void {
+    if (this.closed) return;
+    this.worker.post({ k: 'dc', id: this.id }, [], false);
+    this.done = true;
+    this.closed = true;
+    this.worker.close(this.id);
   }
-
-  pad(n: number): void {
-    const p = padLen(n);
-    if (p > 0) this.raw(ZEROS.subarray(0, p));
-  }
-
-  /** A length-prefixed, zero-padded string. */
-  str(b: Buffer): void {
-    const total = 8 + b.length + padLen(b.length);
-    this.room(total);
-    this.u64(b.length);
-    b.copy(this.buf, this.len);
-    this.len += b.length;
-    this.pad(b.length);
-  }
-
-  get size(): number {
-    return this.len + this.full.reduce((a, b) => a + b.length, 0);
-  }
-
-  take(): Buffer[] {
-    const out = this.full;
-    if (this.len > 0) out.push(this.buf.subarray(0, this.len));
-    this.full = [];
-    this.buf = Buffer.allocUnsafe(BATCH);
-    this.len = 0;
-    return out;
-  }
-}
-
-interface DirFrame {
-  path: Buffer;
-  entries: fs.Dirent<Buffer>[];
-  /** Next entry to emit. */
-  i: number;
-  /** Prefetched regular files, by entry index. */
-  pre: Map<number, Promise<OpenedFile>>;
-  /** Entries up to here have been considered for prefetching. */
-  preNext: number;
 }
 
 /**
- * Serialise the file system object at `fsPath` (not following a top-level symlink) as a NAR, in chunks. Directory
- * entries are sorted bytewise; file contents are read in large chunks and never held whole; tokens and small files
- * are batched. Sockets, devices and FIFOs are refused with an error naming the path.
+ * Serialise the file system object at `fsPath` (not following a top-level symlink) as a NAR, in chunks of at most
+ * `chunkSize` bytes — exactly the bytes `nix-store --dump` produces. Directory entries are sorted bytewise; file
+ * contents are read straight into the chunks and never held whole; sockets, devices and FIFOs are refused with an
+ * error naming the path. The chunks are fresh buffers the consumer may keep. Stopping early (`break`, `return()`)
+ * closes everything.
  */
 export async function* dumpPath(fsPath: string | Buffer, opts: DumpOptions = {}): AsyncGenerator<Buffer> {
-  const chunkSize = opts.chunkSize ?? 1024 * 1024;
-  const onChunk = opts.onChunk;
-  const out = new Batch();
-  const stack: DirFrame[] = [];
   const root = typeof fsPath === 'string' ? Buffer.from(fsPath) : fsPath;
-  /** Bytes held by prefetched small files not yet emitted. */
-  let preBytes = 0;
-
-  const prefetch = (f: DirFrame): void => {
-    while (f.preNext < f.entries.length && f.preNext < f.i + PREFETCH_FILES && preBytes < PREFETCH_BYTES) {
-      const k = f.preNext++;
-      const d = f.entries[k]!;
-      if (!d.isFile()) continue;
-      const p = openFile(joinPath(f.path, d.name), SMALL_FILE).then((o) => {
-        preBytes += o.data?.length ?? 0;
-        return o;
-      });
-      // Errors surface when the entry is reached; until then keep them from being reported as unhandled.
-      p.catch(() => {});
-      f.pre.set(k, p);
-    }
-  };
-
+  const job = new DumpJob(root, opts.chunkSize ?? 1024 * 1024);
+  const onChunk = opts.onChunk;
   try {
-    const topSt = await pLstat(root);
-    out.raw(T_MAGIC);
-    /** The next node to emit: its path and, for entries, its dirent (for the root, its lstat). */
-    let node: { path: Buffer; kind: fs.Stats | fs.Dirent<Buffer>; file?: Promise<OpenedFile> } | null = {
-      path: root,
-      kind: topSt,
-    };
-    while (node !== null) {
-      const { path, kind } = node;
-      if (kind.isFile()) {
-        const f = await (node.file ?? openFile(path, SMALL_FILE));
-        if (f.data) preBytes -= node.file ? f.data.length : 0;
-        out.raw(f.executable ? H_EXECUTABLE : H_REGULAR);
-        out.u64(f.size);
-        if (f.data) {
-          if (f.data.length <= 64 * 1024) out.raw(f.data);
-          else {
-            for (const b of out.take()) {
-              onChunk?.(b);
-              yield b;
-            }
-            onChunk?.(f.data);
-            yield f.data;
-          }
-        } else {
-          for (const b of out.take()) {
-            onChunk?.(b);
-            yield b;
-          }
-          yield* streamFile(path, f, chunkSize, onChunk);
-        }
-        out.pad(f.size);
-        out.raw(T_CLOSE);
-        if (stack.length > 0) out.raw(T_CLOSE);
-      } else if (kind.isSymbolicLink()) {
-        const target = await pReadlink(path);
-        out.raw(H_SYMLINK);
-        out.str(target);
-        out.raw(T_CLOSE);
-        if (stack.length > 0) out.raw(T_CLOSE);
-      } else if (kind.isDirectory()) {
-        const entries = await pReaddir(path);
-        entries.sort((a, b) => Buffer.compare(a.name, b.name));
-        out.raw(H_DIRECTORY);
-        stack.push({ path, entries, i: 0, pre: new Map(), preNext: 0 });
-      } else {
-        throw unsupported(path, kind);
-      }
-
-      if (out.len >= BATCH - 4096 || out.full.length > 0) {
-        for (const b of out.take()) {
-          onChunk?.(b);
-          yield b;
-        }
-      }
-
-      // Find the next node: the next entry of the innermost unfinished directory.
-      node = null;
-      while (stack.length > 0) {
-        const f = stack[stack.length - 1]!;
-        if (f.i < f.entries.length) {
-          const k = f.i++;
-          const d = f.entries[k]!;
-          prefetch(f);
-          out.raw(H_ENTRY);
-          out.str(d.name);
-          out.raw(T_NODE);
-          const file = f.pre.get(k);
-          if (file) f.pre.delete(k);
-          node = { path: joinPath(f.path, d.name), kind: d, ...(file ? { file } : {}) };
-          break;
-        }
-        out.raw(T_CLOSE); // end of the directory node
-        stack.pop();
-        if (stack.length > 0) out.raw(T_CLOSE); // end of the entry holding it
-      }
-    }
-    for (const b of out.take()) {
+    for (;;) {
+      const b = await job.next();
+      if (b === null) return;
       onChunk?.(b);
       yield b;
     }
   } finally {
-    // Close whatever prefetched large files were never reached (error or consumer stopped early).
-    for (const f of stack) {
-      for (const p of f.pre.values()) {
-        p.then(
-          (o) => {
-            if (o.fd >= 0) fs.close(o.fd, () => {});
-          },
-          () => {},
-        );
-      }
-    }
-  }
-}
-
-async function* streamFile(
-  path: Buffer,
-  f: OpenedFile,
-  chunkSize: number,
-  onChunk: ((b: Buffer) => void) | undefined,
-): AsyncGenerator<Buffer> {
-  const { fd, size } = f;
-  let pos = 0;
-  const readAt = async (at: number): Promise<Buffer> => {
-    const want = Math.min(chunkSize, size - at);
-    const b = Buffer.allocUnsafe(want);
-    let got = 0;
-    while (got < want) {
-      const n = await pRead(fd, b, got, want - got, at + got);
-      if (n === 0) throw new NarDumpError(`cannot dump ${showPath(path)}: the file shrank while being dumped`);
-      got += n;
-    }
-    return b;
-  };
-  let next: Promise<Buffer> | null = null;
-  try {
-    next = size > 0 ? readAt(0) : null;
-    while (next !== null) {
-      const cur: Buffer = await next;
-      pos += cur.length;
-      // Read ahead while the consumer hashes / sends this chunk.
-      next = pos < size ? readAt(pos) : null;
-      onChunk?.(cur);
-      yield cur;
-    }
-  } finally {
-    if (next) await next.catch(() => {});
-    await pClose(fd).catch(() => {});
+    job.cancel();
   }
 }
 
@@ -541,143 +698,8 @@ function isEof(e: unknown): boolean {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Extraction: a shared worker thread performs the file system operations synchronously, in order, from batches of
-// operations posted by the parser. One message carries many small files (no per-syscall thread-pool round trip), and
-// the event loop never blocks on the file system.
+// Extraction (through the I/O worker)
 // ---------------------------------------------------------------------------------------------------------------
-
-const OP_MKDIR = 1;
-const OP_OPEN = 2;
-const OP_WRITE = 3;
-const OP_END = 4;
-const OP_SYMLINK = 5;
-const OP_FIXDIR = 6;
-
-/** The worker: plain CommonJS (evaluated with `eval: true`), so it runs the same from sources, tests and dist. */
-const WORKER_SOURCE = `
-const { parentPort } = require('node:worker_threads');
-const fs = require('node:fs');
-const C = fs.constants;
-const O_CREATE = C.O_WRONLY | C.O_CREAT | C.O_EXCL | C.O_NOFOLLOW;
-// Files are created with their final mode; fchmod is only needed when the umask would strip some of its bits.
-const needChmod = (process.umask() & 0o555) !== 0;
-const jobs = new Map();
-// Paths and targets travel as (offset, length) into the batch's data buffer.
-function closeAll(job) {
-  for (const fd of job.fds.values()) { try { fs.closeSync(fd); } catch {} }
-  job.fds.clear();
-}
-function run(job, ops, data) {
-  const b = (i) => data.subarray(ops[i], ops[i] + ops[i + 1]);
-  for (let i = 0; i < ops.length; ) {
-    switch (ops[i]) {
-      case ${OP_MKDIR}: fs.mkdirSync(b(i + 1), 0o700); i += 3; break;
-      case ${OP_OPEN}: job.fds.set(ops[i + 1], fs.openSync(b(i + 2), O_CREATE, ops[i + 4])); i += 5; break;
-      case ${OP_WRITE}: {
-        const fd = job.fds.get(ops[i + 1]);
-        let off = ops[i + 2];
-        const end = off + ops[i + 3];
-        while (off < end) off += fs.writeSync(fd, data, off, end - off);
-        i += 4;
-        break;
-      }
-      case ${OP_END}: {
-        const fd = job.fds.get(ops[i + 1]);
-        job.fds.delete(ops[i + 1]);
-        try {
-          if (needChmod) fs.fchmodSync(fd, ops[i + 2]);
-          fs.futimesSync(fd, 1, 1);
-        } finally {
-          fs.closeSync(fd);
-        }
-        i += 3;
-        break;
-      }
-      case ${OP_SYMLINK}: { const p = b(i + 1); fs.symlinkSync(b(i + 3), p); fs.lutimesSync(p, 1, 1); i += 5; break; }
-      case ${OP_FIXDIR}: { const p = b(i + 1); fs.chmodSync(p, 0o555); fs.utimesSync(p, 1, 1); i += 3; break; }
-      default: throw new Error('bad NAR extraction op ' + ops[i]);
-    }
-  }
-}
-parentPort.on('message', (m) => {
-  let job = jobs.get(m.id);
-  if (!job) jobs.set(m.id, (job = { fds: new Map(), failed: false }));
-  let error;
-  if (!job.failed && m.nops > 0) {
-    try {
-      run(job, new Int32Array(m.ops, 0, m.nops), m.data ? Buffer.from(m.data) : Buffer.alloc(0));
-    } catch (e) {
-      job.failed = true;
-      closeAll(job);
-      error = { message: String(e && e.message), code: e && e.code };
-    }
-  }
-  if (m.last) { closeAll(job); jobs.delete(m.id); }
-  parentPort.postMessage({ id: m.id, bytes: m.bytes, last: !!m.last, error });
-});
-`;
-
-interface WorkerReply {
-  id: number;
-  bytes: number;
-  last: boolean;
-  error?: { message: string; code?: string };
-}
-
-/** The process-wide extraction worker, started on first use; it keeps the process alive only while jobs run. */
-class IoWorker {
-  private static instance: IoWorker | null = null;
-  private readonly w: Worker;
-  private readonly jobs = new Map<number, (m: WorkerReply) => void>();
-  private nextId = 1;
-  private dead: Error | null = null;
-
-  static get(): IoWorker {
-    if (IoWorker.instance === null || IoWorker.instance.dead) IoWorker.instance = new IoWorker();
-    return IoWorker.instance;
-  }
-
-  private constructor() {
-    this.w = new Worker(WORKER_SOURCE, { eval: true });
-    this.w.unref();
-    this.w.on('message', (m: WorkerReply) => this.jobs.get(m.id)?.(m));
-    const die = (e: Error) => {
-      this.dead ??= e;
-      if (IoWorker.instance === this) IoWorker.instance = null;
-      // Every job still open learns it is over (each closes itself, removing it from the map).
-      for (const [id, cb] of this.jobs) cb({ id, bytes: 0, last: true, error: { message: this.dead.message } });
-    };
-    this.w.on('error', die);
-    this.w.on('exit', (code) => die(new Error(`the NAR extraction worker exited (code ${code})`)));
-  }
-
-  open(onReply: (m: WorkerReply) => void): number {
-    const id = this.nextId++;
-    if (this.jobs.size === 0) this.w.ref();
-    this.jobs.set(id, onReply);
-    return id;
-  }
-
-  close(id: number): void {
-    this.jobs.delete(id);
-    if (this.jobs.size === 0) this.w.unref();
-  }
-
-  post(msg: {
-    id: number;
-    ops: ArrayBuffer;
-    nops: number;
-    data: ArrayBuffer | null;
-    bytes: number;
-    last: boolean;
-  }): void {
-    if (this.dead) {
-      this.jobs.get(msg.id)?.({ id: msg.id, bytes: msg.bytes, last: msg.last, error: { message: this.dead.message } });
-      return;
-    }
-    this.w.postMessage(msg, msg.data ? [msg.ops, msg.data] : [msg.ops]);
-  }
-}
 
 /** Data bytes per batch, and how much may be posted but not yet written. */
 const BATCH_DATA = 1024 * 1024;
@@ -719,7 +741,7 @@ class Extractor {
   }
 
   private reply(m: WorkerReply): void {
-    this.inflight -= m.bytes;
+    this.inflight -= m.bytes ?? 0;
     if (m.error && this.error === undefined) {
       const e = Object.assign(new Error(m.error.message), { code: m.error.code });
       this.error = this.wrap(e);
@@ -743,7 +765,8 @@ class Extractor {
     const bytes = this.dataLen + this.nops * 4;
     this.inflight += bytes;
     const data = this.data && this.dataLen > 0 ? (this.data.buffer as ArrayBuffer) : null;
-    this.worker.post({ id: this.id, ops: this.ops.buffer as ArrayBuffer, nops: this.nops, data, bytes, last });
+    const ops = this.ops.buffer as ArrayBuffer;
+    this.worker.post({ k: 'x', id: this.id, ops, nops: this.nops, data, bytes, last }, data ? [ops, data] : [ops]);
     this.ops = new Int32Array(BATCH_OPS + 8);
     this.nops = 0;
     this.data = null;

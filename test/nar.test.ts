@@ -448,7 +448,7 @@ describe('dumpPath', () => {
     await expect(dumpPathToBuffer(fresh('missing'))).rejects.toThrow(/ENOENT/);
   });
 
-  it('can be stopped early without leaking (return() closes prefetched files)', async () => {
+  it('can be stopped early without leaking file descriptors (return() closes the open file)', async () => {
     const p = fresh('early');
     fs.mkdirSync(p);
     for (let i = 0; i < 40; i++) fs.writeFileSync(join(p, `f${i}`), Buffer.alloc(300_000 + i));
@@ -459,6 +459,30 @@ describe('dumpPath', () => {
     await gen.return(undefined);
     await new Promise((r) => setTimeout(r, 50));
     expect(fs.readdirSync('/proc/self/fd').length).toBeLessThanOrEqual(before);
+  });
+});
+
+describe('concurrency', () => {
+  it('runs several dumps and restores at once through the shared I/O worker, each correct', async () => {
+    const seeds = [101, 102, 103, 104];
+    const srcs = seeds.map((seed) => {
+      const p = fresh(`conc${seed}`);
+      makeTree(p, seed);
+      return p;
+    });
+    const nars = await Promise.all(srcs.map((p) => nixDump(p)));
+    const dests = srcs.map((_, i) => fresh(`conc-out${i}`));
+    const [dumps, restores, hashes] = await Promise.all([
+      Promise.all(srcs.map((p) => dumpPathToBuffer(p))),
+      Promise.all(nars.map((nar, i) => restoreNar(readerOf(nar, [7, 65536, 1000]), dests[i]!))),
+      Promise.all(srcs.map((p) => narHashPath(p))),
+    ]);
+    for (let i = 0; i < srcs.length; i++) {
+      expect(dumps[i]!.equals(nars[i]!)).toBe(true);
+      expect(restores[i]!.narHash.toString('hex')).toBe(sha256(nars[i]!));
+      expect(hashes[i]!.narHash.toString('hex')).toBe(sha256(nars[i]!));
+      expect((await nixDump(dests[i]!)).equals(nars[i]!)).toBe(true);
+    }
   });
 });
 
