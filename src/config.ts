@@ -33,6 +33,8 @@ export interface Config {
   system: string;
   extraPlatforms: string[];
   maxJobs: number;
+  /** Build slot i runs as host uid buildUidBase + i; the range must be reserved for the box. */
+  buildUidBase: number;
   cores: number;
   supportedFeatures: string[];
   mandatoryFeatures: string[];
@@ -73,6 +75,7 @@ export function defaultConfig(cwd = process.cwd()): Config {
     system: defaultSystem(),
     extraPlatforms: [],
     maxJobs: availableParallelism(),
+    buildUidBase: 30000,
     cores: availableParallelism(),
     supportedFeatures: ['nixos-test', 'benchmark', 'big-parallel'],
     mandatoryFeatures: [],
@@ -107,6 +110,7 @@ const top: Field[] = [
   { key: 'system', kind: 'string', set: (c, v) => (c.system = v as string) },
   { key: 'extra-platforms', kind: 'strings', set: (c, v) => (c.extraPlatforms = v as string[]) },
   { key: 'max-jobs', kind: 'int', set: (c, v) => (c.maxJobs = positive('max-jobs', v as number)) },
+  { key: 'build-uid-base', kind: 'int', set: (c, v) => (c.buildUidBase = positive('build-uid-base', v as number)) },
   { key: 'cores', kind: 'int', set: (c, v) => (c.cores = positive('cores', v as number)) },
   { key: 'supported-features', kind: 'strings', set: (c, v) => (c.supportedFeatures = v as string[]) },
   { key: 'mandatory-features', kind: 'strings', set: (c, v) => (c.mandatoryFeatures = v as string[]) },

@@ -43,6 +43,11 @@ export interface TestBox {
   stop(): Promise<void>;
 }
 
+let uidCounter = 0;
+function nextUidBase(): number {
+  return 40000 + (process.pid % 400) * 100 + (uidCounter++ % 10) * 10;
+}
+
 export async function makeUserKey(dir: string, name: string): Promise<TestUser> {
   const key = join(dir, `id_${name}`);
   await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', name, '-f', key]);
@@ -86,6 +91,9 @@ export async function startTestBox(
     registry: { path: regDir, git: null, branch: 'main', interval: 300 },
     maxJobs: 4,
     statusPort: 0,
+    // Each box gets its own build uids: the builder sweeps every process of a slot uid when a build ends, so two
+    // boxes (in parallel test files) sharing uids would kill each other's builds.
+    buildUidBase: nextUidBase(),
     ...opts.config,
     ...(opts.prepare ? await opts.prepare(dir, users) : {}),
   };
