@@ -114,7 +114,11 @@ export async function startBox(config: Config, logger: Logger): Promise<Box> {
     Math.max(10, Math.min(config.retention, 300)) * 1000,
   );
   gcTimer.unref();
-  const scheduler = new Scheduler({ maxJobs: config.maxJobs, userLimit: (u) => registry.jobsLimit(u) });
+  const scheduler = new Scheduler({
+    maxJobs: config.maxJobs,
+    uidBase: config.buildUidBase,
+    userLimit: (u) => registry.jobsLimit(u),
+  });
   const builder = new Builder({
     store,
     scheduler,
