@@ -7,11 +7,12 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { join } from 'node:path';
+import ts from 'typescript';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { dumpPath, dumpPathToBuffer, NarDumpError, NarHasher, narHashPath, parseNar, restoreNar } from '../src/nar.js';
 import { encodeString, WireReader } from '../src/wire.js';
 import { run, runBuffer, tempDir } from './helpers/exec.js';
-import { nix28, nixEnv } from './helpers/nix.js';
+import { nix28, nixEnv, REPO } from './helpers/nix.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // helpers
@@ -632,5 +633,92 @@ describe('restoreNar', () => {
       'client went away',
     );
     expect(fs.readdirSync(parent)).toEqual([]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------------------------
+// without root: permissions are real
+// ---------------------------------------------------------------------------------------------------------------
+
+describe('as an unprivileged user', () => {
+  /** A script run as nobody (setpriv) against the module transpiled to plain JS, since root ignores permissions. */
+  const SCRIPT = `
+import * as fs from 'node:fs';
+import { join } from 'node:path';
+import { restoreNar, dumpPathToBuffer } from './nar.js';
+import { WireReader } from './wire.js';
+const [narFile, parent] = process.argv.slice(2);
+const nar = fs.readFileSync(narFile);
+const once = async function* (b) { yield b; };
+const out = {};
+// 1. A normal restore: read-only files and directories, then dumped back.
+const ok = join(parent, 'ok');
+await restoreNar(new WireReader(once(nar)), ok, { expectEnd: true });
+out.roundTrip = (await dumpPathToBuffer(ok)).equals(nar);
+out.topMode = (fs.statSync(ok).mode & 0o7777).toString(8);
+// 2. The destination appears after the tree is complete and read-only: the tree must still be removed.
+const dest = join(parent, 'late');
+async function* src() {
+  yield nar.subarray(0, 64);
+  fs.mkdirSync(dest);
+  yield nar.subarray(64);
+}
+try {
+  await restoreNar(new WireReader(src()), dest);
+  out.late = 'no error';
+} catch (e) {
+  out.late = e.message;
+}
+// 3. A parse error part-way, after directories and files exist.
+const cut = join(parent, 'cut');
+try {
+  await restoreNar(new WireReader(once(nar.subarray(0, nar.length - 8))), cut);
+} catch (e) {
+  out.cut = e.message;
+}
+out.entries = fs.readdirSync(parent).sort();
+console.log(JSON.stringify(out));
+`;
+
+  it('restores with canonical modes and removes a failed, read-only tree', async () => {
+    const dir = fresh('unpriv');
+    fs.mkdirSync(dir);
+    for (const f of ['nar', 'wire']) {
+      const src = fs.readFileSync(join(REPO, 'src', `${f}.ts`), 'utf8');
+      const js = ts.transpileModule(src, {
+        compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022 },
+      }).outputText;
+      fs.writeFileSync(join(dir, `${f}.js`), js);
+    }
+    fs.writeFileSync(join(dir, 'package.json'), '{"type":"module"}');
+    fs.writeFileSync(join(dir, 'script.js'), SCRIPT);
+    const srcTree = fresh('unpriv-src');
+    makeTree(srcTree, 8);
+    fs.writeFileSync(join(dir, 'tree.nar'), await nixDump(srcTree));
+    const parent = join(dir, 'parent');
+    fs.mkdirSync(parent);
+    fs.chownSync(parent, 65534, 65534);
+    fs.chmodSync(tmp.path, 0o755);
+    const r = await run(
+      'setpriv',
+      [
+        '--reuid=65534',
+        '--regid=65534',
+        '--clear-groups',
+        process.execPath,
+        join(dir, 'script.js'),
+        join(dir, 'tree.nar'),
+        parent,
+      ],
+      { cwd: dir },
+    );
+    const out = JSON.parse(r.stdout);
+    expect(out.roundTrip).toBe(true);
+    expect(out.topMode).toBe('555');
+    expect(out.late).toBe(`cannot restore a NAR to ${join(parent, 'late')}: it appeared while the NAR was being read`);
+    expect(out.cut).toMatch(/^NAR truncated after \d+ bytes/);
+    // Only the successful restore and the directory that appeared: no temporary tree left.
+    expect(out.entries).toEqual(['late', 'ok']);
+    expect(fs.readdirSync(join(parent, 'late'))).toEqual([]);
   });
 });
