@@ -609,7 +609,11 @@ class DumpJob {
  */
 export async function* dumpPath(fsPath: string | Buffer, opts: DumpOptions = {}): AsyncGenerator<Buffer> {
   const root = typeof fsPath === 'string' ? Buffer.from(fsPath) : fsPath;
-  const job = new DumpJob(root, opts.chunkSize ?? 1024 * 1024);
+  const chunkSize = opts.chunkSize ?? 1024 * 1024;
+  if (!Number.isSafeInteger(chunkSize) || chunkSize < 1 || chunkSize > 1 << 30) {
+    throw new RangeError(`dumpPath: chunkSize must be an integer from 1 to 2^30, not ${chunkSize}`);
+  }
+  const job = new DumpJob(root, chunkSize);
   const onChunk = opts.onChunk;
   try {
     for (;;) {

@@ -396,6 +396,21 @@ describe('dumpPath', () => {
     expect(narHash.toString('hex')).toBe(await nixHash(p));
   });
 
+  it('honours any chunk size, down to one byte', async () => {
+    const p = fresh('tiny-chunks');
+    fs.mkdirSync(p);
+    fs.writeFileSync(join(p, 'f'), 'hello');
+    fs.symlinkSync('f', join(p, 'l'));
+    const nar = await nixDump(p);
+    for (const chunkSize of [1, 3, 8, 100]) {
+      const chunks: Buffer[] = [];
+      for await (const c of dumpPath(p, { chunkSize })) chunks.push(c);
+      expect(Buffer.concat(chunks).equals(nar)).toBe(true);
+      expect(Math.max(...chunks.map((c) => c.length))).toBe(chunkSize);
+    }
+    await expect(dumpPathToBuffer(p).then(() => dumpPath(p, { chunkSize: 0 }).next())).rejects.toThrow(RangeError);
+  });
+
   it('uses only the owner execute bit', async () => {
     const p = fresh('xbits');
     fs.mkdirSync(p);
