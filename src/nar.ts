@@ -1264,6 +1264,8 @@ class NarParser {
       if (!this.fastSeq(T_NODE)) await this.expect('node');
       await this.node(this.ex && path ? joinPath(path, name) : null, depth + 1);
       if (!this.fastSeq(T_CLOSE)) await this.expect(')');
+      // Trees of empty files, directories or symlinks queue operations too: bound them like file contents.
+      if (this.ex?.busy()) await this.ex.wait();
       this.checkEx();
     }
   }
