@@ -96,7 +96,11 @@ function line(o: Outcome, title: string): { mark: string; text: string; fix?: st
   if (i < 0) throw new Error(`no line for "${title}" in:\n${o.out}`);
   const l = o.lines[i]!;
   const next = o.lines[i + 1] ?? '';
-  return { mark: l[0]!, text: l.slice(2 + title.length + 2), fix: next.startsWith('    fix: ') ? next.slice(9) : undefined };
+  return {
+    mark: l[0]!,
+    text: l.slice(2 + title.length + 2),
+    fix: next.startsWith('    fix: ') ? next.slice(9) : undefined,
+  };
 }
 
 const ALL = [
