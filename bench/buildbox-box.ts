@@ -67,7 +67,11 @@ export async function startBuildbox(dir: string, opts: BuildboxOptions): Promise
       '',
     ].join('\n'),
   );
-  const nodeArgs = ['--enable-source-maps'];
+  // Extra node flags for experiments, e.g. BENCH_BUILDBOX_NODE_ARGS='--trace-gc' (output goes to buildbox.log).
+  const nodeArgs = [
+    '--enable-source-maps',
+    ...(process.env.BENCH_BUILDBOX_NODE_ARGS ?? '').split(/\s+/).filter(Boolean),
+  ];
   if (opts.cpuProfDir) nodeArgs.push('--cpu-prof', '--cpu-prof-dir', opts.cpuProfDir);
   const logFile = join(dir, 'buildbox.log');
   const log = createWriteStream(logFile);

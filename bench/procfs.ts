@@ -124,3 +124,17 @@ export class RssSampler {
     return this.peakRssKiB;
   }
 }
+
+const CLK_TCK = 100;
+
+/** CPU seconds of a process and its reaped descendants (utime + stime + cutime + cstime), or 0 if it is gone. */
+export function cpuSecondsOf(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    // Fields after the command: state(3) ppid … utime(14) stime(15) cutime(16) cstime(17), 1-based in proc(5).
+    return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / CLK_TCK;
+  } catch {
+    return 0;
+  }
+}

@@ -35,6 +35,8 @@ export interface ProfileSummary {
   self: ProfileEntry[];
   inclusive: ProfileEntry[];
   byFile: ProfileEntry[];
+  /** Self time charged to the nearest frame of buildbox or a package ("owner ← native/internal callee"). */
+  owners: ProfileEntry[];
 }
 
 function shortUrl(url: string, repo: string): string {
@@ -75,6 +77,11 @@ export function analyzeProfile(file: string, repo: string, top = 25): ProfileSum
   const self = new Map<string, number>();
   const incl = new Map<string, number>();
   const files = new Map<string, number>();
+  const owners = new Map<string, number>();
+  const isOwner = (n: ProfileNode) => {
+    const u = shortUrl(n.callFrame.url, repo);
+    return u.startsWith('dist/src/') || u.startsWith('node_modules/');
+  };
   let total = 0;
   let busy = 0;
   const avg = p.samples.length > 0 ? (p.endTime - p.startTime) / p.samples.length : 0;
@@ -92,6 +99,11 @@ export function analyzeProfile(file: string, repo: string, top = 25): ProfileSum
         ? node.callFrame.functionName
         : groupOf(node.callFrame.url, repo);
     files.set(g, (files.get(g) ?? 0) + dt);
+    let owner: ProfileNode | undefined = node;
+    while (owner && !isOwner(owner)) owner = byId.get(parent.get(owner.id) ?? -1);
+    const ok = owner ? keyOf(owner) : '(no buildbox or package frame)';
+    const ownerKey = owner === node ? ok : `${ok} ← ${k.replace(/ \(js line \d+\)$/, '')}`;
+    owners.set(ownerKey, (owners.get(ownerKey) ?? 0) + dt);
     const seen = new Set<string>();
     for (let id: number | undefined = node.id; id !== undefined; id = parent.get(id)) {
       const n = byId.get(id)!;
@@ -114,6 +126,7 @@ export function analyzeProfile(file: string, repo: string, top = 25): ProfileSum
     self: list(self, top),
     inclusive: list(incl, top, (k) => k.startsWith('src/')),
     byFile: list(files, top),
+    owners: list(owners, top),
   };
 }
 
@@ -125,6 +138,7 @@ export function formatProfile(s: ProfileSummary): string {
     `CPU profile of buildbox (${s.file}): ${s.busyMs} ms busy of ${s.totalMs} ms (shares are of the busy time)`,
     section('self time by file / package:', s.byFile),
     section('self time by function:', s.self),
+    section('self time charged to the nearest buildbox / package function (← what it spent it in):', s.owners),
     section('inclusive time, buildbox functions:', s.inclusive),
   ].join('\n\n');
 }

@@ -17,7 +17,8 @@ import { parseArgs } from 'node:util';
 import { type BuildboxBox, startBuildbox } from './buildbox-box.js';
 import { bigClosure, importPaths, smallChains } from './gen.js';
 import { machineInfo } from './machine.js';
-import { benchTempDir, cleanupAll, installSignalHandlers, isAborted } from './proc.js';
+import { benchTempDir, cleanupAll, installSignalHandlers, isAborted, sleep } from './proc.js';
+import { cpuSecondsOf, descendantsOf } from './procfs.js';
 import { analyzeProfile, formatProfile, type ProfileSummary } from './profile.js';
 import { type ReferenceBox, startReferenceBox } from './reference-box.js';
 import {
@@ -198,6 +199,20 @@ function defineMetrics(results: ResultsT, o: Options): void {
         better: 'higher',
         goal: goals.atLeastRef(),
       });
+      results.metric(`P1-upcpu-${proto}`, {
+        workload: 'P1',
+        proto,
+        label: 'copy --to: box CPU',
+        unit: 'CPU s/GB',
+        better: 'lower',
+      });
+      results.metric(`P1-downcpu-${proto}`, {
+        workload: 'P1',
+        proto,
+        label: 'copy --from: box CPU',
+        unit: 'CPU s/GB',
+        better: 'lower',
+      });
     }
   }
   for (const proto of o.protocols) {
@@ -210,6 +225,7 @@ function defineMetrics(results: ResultsT, o: Options): void {
         better: 'lower',
         goal: goals.atMostRef(0.8),
       });
+      results.metric(`P2-cpu-${proto}`, { workload: 'P2', proto, label: 'box CPU', unit: 'CPU s', better: 'lower' });
     }
   }
   for (const proto of o.protocols) {
@@ -221,6 +237,13 @@ function defineMetrics(results: ResultsT, o: Options): void {
         unit: 's',
         better: 'lower',
         goal: goals.atMostRef(1.0),
+      });
+      results.metric(`P3-cpu-${proto}`, {
+        workload: 'P3',
+        proto,
+        label: 'one remote build: box CPU',
+        unit: 'CPU s',
+        better: 'lower',
       });
     }
   }
@@ -270,6 +293,13 @@ function defineMetrics(results: ResultsT, o: Options): void {
         proto,
         label: `${n}: wall time`,
         unit: 's',
+        better: 'lower',
+      });
+      results.metric(`P4-cpu-${proto}`, {
+        workload: 'P4',
+        proto,
+        label: `${n}: box CPU`,
+        unit: 'CPU s',
         better: 'lower',
       });
     }
@@ -368,6 +398,8 @@ async function main(): Promise<number> {
         },
         memPids: () => [box.pid],
         singleProcess: true,
+        cpuSeconds: () => cpuSecondsOf(box.pid),
+        settle: async () => {},
       });
     } catch (e) {
       const msg = `buildbox not available: ${(e as Error).message}`;
@@ -391,6 +423,11 @@ async function main(): Promise<number> {
         host: (key) => `ref-${key}`,
         memPids: () => r.nixPids(),
         singleProcess: false,
+        // sshd's listener reaps each connection's sshd, which reaps its nix-store / nix-daemon.
+        cpuSeconds: () => cpuSecondsOf(r.pid),
+        settle: async () => {
+          for (let i = 0; i < 100 && descendantsOf(r.pid).length > 0; i++) await sleep(20);
+        },
       });
     } catch (e) {
       const msg = `reference box not available: ${(e as Error).message}`;
@@ -418,8 +455,14 @@ async function main(): Promise<number> {
             results.get(`P1-up-${proto}`)!.samples[t.name].push(s.up);
             results.get(`P1-down-${proto}`)!.samples[t.name].push(s.down);
             results.get(`P5-${proto}`)!.samples[t.name].push(s.rss);
+            results.get(`P1-upcpu-${proto}`)!.samples[t.name].push(s.upCpu);
+            results.get(`P1-downcpu-${proto}`)!.samples[t.name].push(s.downCpu);
+            const m = s.rss.extra as { beforeMiB: number | null; uploadPeakMiB: number; downloadPeakMiB: number };
             log(
-              `P1 ${proto} ${t.name} #${rep + 1}: up ${show(s.up, 'MB/s')}, down ${show(s.down, 'MB/s')}, peak RSS ${show(s.rss, 'MiB')}`,
+              `P1 ${proto} ${t.name} #${rep + 1}: up ${show(s.up, 'MB/s')}, down ${show(s.down, 'MB/s')}, ` +
+                `peak RSS ${m.uploadPeakMiB.toFixed(0)} MiB up / ${m.downloadPeakMiB.toFixed(0)} MiB down, ` +
+                `box CPU ${show(s.upCpu, 's/GB')} up / ${show(s.downCpu, 's/GB')} down` +
+                (m.beforeMiB !== null ? ` (${m.beforeMiB.toFixed(0)} MiB before)` : ''),
             );
           }
         }
@@ -430,8 +473,9 @@ async function main(): Promise<number> {
         for (let rep = 0; rep < o.reps && !stop(); rep++) {
           for (const t of order(rep)) {
             const s = await p2(ctx, t, proto, rep);
-            results.get(`P2-${proto}`)!.samples[t.name].push(s);
-            log(`P2 ${proto} ${t.name} #${rep + 1}: ${show(s, 's')}`);
+            results.get(`P2-${proto}`)!.samples[t.name].push(s.time);
+            results.get(`P2-cpu-${proto}`)!.samples[t.name].push(s.cpu);
+            log(`P2 ${proto} ${t.name} #${rep + 1}: ${show(s.time, 's')}, box CPU ${show(s.cpu, 's')}`);
           }
         }
       }
@@ -440,13 +484,14 @@ async function main(): Promise<number> {
       if (o.workloads.includes('P3') && !stop()) {
         for (const t of targets) {
           const w = await p3(ctx, t, proto, -1);
-          log(`P3 ${proto} ${t.name} warm-up (uploads busybox): ${show(w, 's')}`);
+          log(`P3 ${proto} ${t.name} warm-up (uploads busybox): ${show(w.time, 's')}`);
         }
         for (let rep = 0; rep < o.p3Reps && !stop(); rep++) {
           for (const t of order(rep)) {
             const s = await p3(ctx, t, proto, rep);
-            results.get(`P3-${proto}`)!.samples[t.name].push(s);
-            log(`P3 ${proto} ${t.name} #${rep + 1}: ${show(s, 's')}`);
+            results.get(`P3-${proto}`)!.samples[t.name].push(s.time);
+            results.get(`P3-cpu-${proto}`)!.samples[t.name].push(s.cpu);
+            log(`P3 ${proto} ${t.name} #${rep + 1}: ${show(s.time, 's')}, box CPU ${show(s.cpu, 's')}`);
           }
         }
       }
@@ -466,6 +511,7 @@ async function main(): Promise<number> {
             results.get(`P4-p50-${proto}`)!.samples[t.name].push(s.p50);
             results.get(`P4-p95-${proto}`)!.samples[t.name].push(s.p95);
             results.get(`P4-wall-${proto}`)!.samples[t.name].push(s.wall);
+            results.get(`P4-cpu-${proto}`)!.samples[t.name].push(s.cpu);
             const lone = summarize(results.get(`P3-${proto}`)?.samples[t.name] ?? []).median;
             results.get(`P4-lone-${proto}`)!.samples[t.name].push({
               rep,

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { Closure } from './gen.js';
 import { lastLines, run } from './proc.js';
-import { RssSampler, resetPeak } from './procfs.js';
+import { memOf, RssSampler, resetPeak } from './procfs.js';
 import { percentile, type Sample, type TargetName } from './report.js';
 
 export type Proto = 'ssh' | 'ssh-ng';
@@ -22,6 +22,18 @@ export interface Target {
   /** Pids whose memory P5 samples, and whether their peak can be reset (one long-lived process). */
   memPids(): number[];
   singleProcess: boolean;
+  /** CPU seconds used so far by the box's side (its process tree, finished children included). */
+  cpuSeconds(): number;
+  /** Wait until the box has finished (and reaped) what the last client command started, so its CPU is counted. */
+  settle(): Promise<void>;
+}
+
+/** Run `fn` and count the box's CPU seconds meanwhile. */
+async function withCpu<T>(t: Target, fn: () => Promise<T>): Promise<{ r: T; cpu: number }> {
+  const before = t.cpuSeconds();
+  const r = await fn();
+  await t.settle();
+  return { r, cpu: t.cpuSeconds() - before };
 }
 
 export interface Ctx {
@@ -56,13 +68,17 @@ export interface P1Sample {
   up: Sample;
   down: Sample;
   rss: Sample;
+  /** Box CPU seconds per GB (1e9 bytes of NAR) uploaded / downloaded. */
+  upCpu: Sample;
+  downCpu: Sample;
 }
 
 export async function p1(ctx: Ctx, t: Target, proto: Proto, rep: number): Promise<P1Sample> {
   const big = ctx.big!;
   const fail = (e: unknown): P1Sample => {
     const error = failure(e);
-    return { up: { rep, value: null, error }, down: { rep, value: null, error }, rss: { rep, value: null, error } };
+    const f = { rep, value: null, error };
+    return { up: f, down: f, rss: f, upCpu: f, downCpu: f };
   };
   let host: string;
   let dst: string;
@@ -73,51 +89,83 @@ export async function p1(ctx: Ctx, t: Target, proto: Proto, rep: number): Promis
     return fail(e);
   }
   const uri = `${proto}://${host}`;
-  if (t.singleProcess) for (const pid of t.memPids()) resetPeak(pid);
-  const sampler = new RssSampler(() => t.memPids(), t.singleProcess ? 20 : 100);
-  sampler.start();
   const mb = big.narBytes / 1e6;
   const out: P1Sample = {
     up: { rep, value: null },
     down: { rep, value: null },
     rss: { rep, value: null },
+    upCpu: { rep, value: null },
+    downCpu: { rep, value: null },
   };
+  const gb = big.narBytes / 1e9;
+  // Memory: the box's resident size just before, and its peak during the upload and during the download.
+  const before = t.singleProcess ? Math.max(0, ...t.memPids().map((p) => memOf(p)?.rssKiB ?? 0)) / 1024 : null;
+  const phase = async <T>(fn: () => Promise<T>): Promise<{ r: T; peakMiB: number; cpu: number }> => {
+    if (t.singleProcess) for (const pid of t.memPids()) resetPeak(pid);
+    const sampler = new RssSampler(() => t.memPids(), t.singleProcess ? 20 : 100);
+    sampler.start();
+    try {
+      const { r, cpu } = await withCpu(t, fn);
+      return { r, cpu, peakMiB: sampler.stop() / 1024 };
+    } finally {
+      sampler.stop();
+    }
+  };
+  let upPeak = 0;
+  let downPeak = 0;
   try {
-    const up = await run(
-      'nix',
-      ['copy', '--no-check-sigs', '--from', storeUri(ctx.srcStore), '--to', uri, ...big.roots],
-      { env: ctx.env, timeoutMs: ctx.timeoutMs },
+    const up = await phase(() =>
+      run('nix', ['copy', '--no-check-sigs', '--from', storeUri(ctx.srcStore), '--to', uri, ...big.roots], {
+        env: ctx.env,
+        timeoutMs: ctx.timeoutMs,
+      }),
     );
-    out.up = { rep, value: mb / up.seconds, extra: { seconds: up.seconds, host } };
-    const down = await run('nix', ['copy', '--no-check-sigs', '--from', uri, '--to', storeUri(dst), ...big.roots], {
-      env: ctx.env,
-      timeoutMs: ctx.timeoutMs,
-    });
-    out.down = { rep, value: mb / down.seconds, extra: { seconds: down.seconds } };
+    upPeak = up.peakMiB;
+    out.up = { rep, value: mb / up.r.seconds, extra: { seconds: up.r.seconds, host } };
+    out.upCpu = { rep, value: up.cpu / gb };
+    const down = await phase(() =>
+      run('nix', ['copy', '--no-check-sigs', '--from', uri, '--to', storeUri(dst), ...big.roots], {
+        env: ctx.env,
+        timeoutMs: ctx.timeoutMs,
+      }),
+    );
+    downPeak = down.peakMiB;
+    out.down = { rep, value: mb / down.r.seconds, extra: { seconds: down.r.seconds } };
+    out.downCpu = { rep, value: down.cpu / gb };
   } catch (e) {
     const error = failure(e);
     if (out.up.value === null) out.up = { rep, value: null, error };
     out.down = { rep, value: null, error };
   } finally {
-    const peakKiB = sampler.stop();
-    out.rss = { rep, value: peakKiB / 1024, extra: { samples: sampler.samples } };
     rmSync(dst, { recursive: true, force: true });
   }
+  const peak = Math.max(upPeak, downPeak);
+  out.rss = {
+    rep,
+    value: peak > 0 ? peak : null,
+    extra: { beforeMiB: before, uploadPeakMiB: upPeak, downloadPeakMiB: downPeak },
+  };
   return out;
 }
 
-export async function p2(ctx: Ctx, t: Target, proto: Proto, rep: number): Promise<Sample> {
+export async function p2(ctx: Ctx, t: Target, proto: Proto, rep: number): Promise<{ time: Sample; cpu: Sample }> {
   const small = ctx.small!;
   try {
     const host = await t.freshHost();
-    const r = await run(
-      'nix',
-      ['copy', '--no-check-sigs', '--from', storeUri(ctx.srcStore), '--to', `${proto}://${host}`, ...small.roots],
-      { env: ctx.env, timeoutMs: ctx.timeoutMs },
+    const { r, cpu } = await withCpu(t, () =>
+      run(
+        'nix',
+        ['copy', '--no-check-sigs', '--from', storeUri(ctx.srcStore), '--to', `${proto}://${host}`, ...small.roots],
+        { env: ctx.env, timeoutMs: ctx.timeoutMs },
+      ),
     );
-    return { rep, value: r.seconds, extra: { pathsPerSecond: small.all.length / r.seconds, host } };
+    return {
+      time: { rep, value: r.seconds, extra: { pathsPerSecond: small.all.length / r.seconds, host } },
+      cpu: { rep, value: cpu },
+    };
   } catch (e) {
-    return { rep, value: null, error: failure(e) };
+    const f = { rep, value: null, error: failure(e) };
+    return { time: f, cpu: f };
   }
 }
 
@@ -244,14 +292,20 @@ export function p3Store(ctx: Ctx): string {
   return root;
 }
 
-/** P3: one remote build, time from `nix-build` start to result. */
-export async function p3(ctx: Ctx, t: Target, proto: Proto, rep: number): Promise<Sample> {
+/** P3: one remote build, time from `nix-build` start to result (and the box's CPU seconds for it). */
+export async function p3(ctx: Ctx, t: Target, proto: Proto, rep: number): Promise<{ time: Sample; cpu: Sample }> {
   try {
-    const b = await nixBuild(ctx, p3Store(ctx), `${proto}://${t.host(`p3-${proto}`)}`, `p3${uniq()}`, 1, 1);
-    if (b.failures > 0) return { rep, value: null, error: b.error ?? 'build failed' };
-    return { rep, value: b.seconds };
+    const { r: b, cpu } = await withCpu(t, () =>
+      nixBuild(ctx, p3Store(ctx), `${proto}://${t.host(`p3-${proto}`)}`, `p3${uniq()}`, 1, 1),
+    );
+    if (b.failures > 0) {
+      const f = { rep, value: null, error: b.error ?? 'build failed' };
+      return { time: f, cpu: f };
+    }
+    return { time: { rep, value: b.seconds }, cpu: { rep, value: cpu } };
   } catch (e) {
-    return { rep, value: null, error: failure(e) };
+    const f = { rep, value: null, error: failure(e) };
+    return { time: f, cpu: f };
   }
 }
 
@@ -260,6 +314,7 @@ export interface P4Result {
   p95: Sample;
   failures: Sample;
   wall: Sample;
+  cpu: Sample;
 }
 
 /** P4: `clients` nix-builds at once, each building `builds` hello-boxes in parallel on its own box user. */
@@ -277,6 +332,7 @@ export async function p4(
     return root;
   });
   const started = performance.now();
+  const cpu0 = t.cpuSeconds();
   const runs = await Promise.all(
     stores.map((store, i) =>
       nixBuild(ctx, store, `${proto}://${t.host(`p4-${proto}-${i}`)}`, `p4${uniq()}`, builds, builds).catch(
@@ -285,6 +341,8 @@ export async function p4(
     ),
   );
   const wall = (performance.now() - started) / 1000;
+  await t.settle();
+  const cpu = t.cpuSeconds() - cpu0;
   const lat = runs.flatMap((r) => r.latenciesMs).map((ms) => ms / 1000);
   const failures = runs.reduce((s, r) => s + r.failures, 0);
   const errors = runs.filter((r) => r.error).map((r) => r.error!);
@@ -294,5 +352,6 @@ export async function p4(
     p95: { rep, value: percentile(lat, 95) },
     failures: { rep, value: failures, error: failures > 0 ? errors[0] : undefined },
     wall: { rep, value: wall },
+    cpu: { rep, value: cpu },
   };
 }
