@@ -7,16 +7,17 @@ import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeUserKey } from './helpers/box.js';
+import { compiledCli } from './helpers/cli.js';
 import { run, tempDir } from './helpers/exec.js';
-import { nix28, REPO } from './helpers/nix.js';
+import { nix28 } from './helpers/nix.js';
 
-const CLI = join(REPO, 'dist', 'src', 'cli.js');
+let CLI = '';
 const t = tempDir('buildbox-cli-');
 let child: ChildProcess | undefined;
 
 beforeAll(async () => {
   chmodSync(t.path, 0o755);
-  await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: REPO, timeoutMs: 120_000 });
+  CLI = await compiledCli();
 });
 afterAll(() => {
   child?.kill('SIGKILL');

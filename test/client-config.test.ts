@@ -3,40 +3,15 @@
  * the machines line / nix.conf line / ssh stanza, used as printed, make the real Nix 2.8 and 2.26 clients build on a
  * live box — with the host key pinned only by the machines line's base64 field (no known_hosts entry anywhere).
  */
-import { createHash, randomBytes } from 'node:crypto';
-import { copyFileSync, existsSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { base64HostKey, parseMachines } from '../src/client-config.js';
 import { startTestBox, type TestBox } from './helpers/box.js';
+import { compiledCli } from './helpers/cli.js';
 import { run } from './helpers/exec.js';
-import { CLIENTS, nixEnv, REPO } from './helpers/nix.js';
-
-/** The CLI compiled from the current sources (cached by content), so sshd / subprocesses run what is tested. */
-async function compiledCli(): Promise<string> {
-  const h = createHash('sha256');
-  const srcDir = join(REPO, 'src');
-  for (const f of (readdirSync(srcDir, { recursive: true }) as string[]).filter((x) => x.endsWith('.ts')).sort()) {
-    h.update(f).update(readFileSync(join(srcDir, f)));
-  }
-  const dir = join(REPO, 'node_modules', '.cache', 'buildbox-test-cli', h.digest('hex').slice(0, 16));
-  const cli = join(dir, 'src', 'cli.js');
-  if (existsSync(cli)) return cli;
-  const tmp = `${dir}.tmp-${process.pid}-${randomBytes(3).toString('hex')}`;
-  const tsc = join(REPO, 'node_modules', 'typescript', 'bin', 'tsc');
-  const r = await run(process.execPath, [tsc, '-p', join(REPO, 'tsconfig.build.json'), '--outDir', tmp], {
-    allowFail: true,
-    timeoutMs: 110_000,
-  });
-  if (!existsSync(join(tmp, 'src', 'cli.js'))) throw new Error(`tsc produced no cli.js:\n${r.stdout}${r.stderr}`);
-  copyFileSync(join(REPO, 'package.json'), join(tmp, 'package.json'));
-  try {
-    renameSync(tmp, dir);
-  } catch {
-    rmSync(tmp, { recursive: true, force: true }); // another test file compiled the same sources first
-  }
-  return cli;
-}
+import { CLIENTS, nixEnv } from './helpers/nix.js';
 
 /** Kill (by pid) the ssh processes started for this test: ControlPersist masters outlive the commands. */
 function killSshMentioning(dir: string): void {

@@ -3,50 +3,15 @@
  * ✗, the fix, and the exit status — a key with a passphrase, a wrong fingerprint (stops, loudly), a known_hosts
  * entry missing or wrong, an unknown user, the box down, a feature the box lacks.
  */
-import { createHash, randomBytes } from 'node:crypto';
-import {
-  chmodSync,
-  copyFileSync,
-  existsSync,
-  readdirSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  writeFileSync,
-} from 'node:fs';
+import { createHash } from 'node:crypto';
+import { chmodSync, copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { DoctorReport } from '../src/doctor.js';
 import { startTestBox, type TestBox } from './helpers/box.js';
+import { compiledCli } from './helpers/cli.js';
 import { run } from './helpers/exec.js';
-import { REPO } from './helpers/nix.js';
-
-/** The CLI compiled from the current sources (cached by content), run as a real process. */
-async function compiledCli(): Promise<string> {
-  const h = createHash('sha256');
-  const srcDir = join(REPO, 'src');
-  for (const f of (readdirSync(srcDir, { recursive: true }) as string[]).filter((x) => x.endsWith('.ts')).sort()) {
-    h.update(f).update(readFileSync(join(srcDir, f)));
-  }
-  const dir = join(REPO, 'node_modules', '.cache', 'buildbox-test-cli', h.digest('hex').slice(0, 16));
-  const cli = join(dir, 'src', 'cli.js');
-  if (existsSync(cli)) return cli;
-  const tmp = `${dir}.tmp-${process.pid}-${randomBytes(3).toString('hex')}`;
-  const tsc = join(REPO, 'node_modules', 'typescript', 'bin', 'tsc');
-  const r = await run(process.execPath, [tsc, '-p', join(REPO, 'tsconfig.build.json'), '--outDir', tmp], {
-    allowFail: true,
-    timeoutMs: 110_000,
-  });
-  if (!existsSync(join(tmp, 'src', 'cli.js'))) throw new Error(`tsc produced no cli.js:\n${r.stdout}${r.stderr}`);
-  copyFileSync(join(REPO, 'package.json'), join(tmp, 'package.json'));
-  try {
-    renameSync(tmp, dir);
-  } catch {
-    rmSync(tmp, { recursive: true, force: true });
-  }
-  return cli;
-}
 
 let tb: TestBox;
 let cli: string;

@@ -10,7 +10,7 @@
  * are bind-mounted. sshd and every process in that namespace are killed at the end.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import {
   chmodSync,
   chownSync,
@@ -20,7 +20,6 @@ import {
   readdirSync,
   readFileSync,
   readlinkSync,
-  renameSync,
   rmSync,
   statSync,
   writeFileSync,
@@ -29,34 +28,9 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestBox, type TestBox } from './helpers/box.js';
+import { compiledCli } from './helpers/cli.js';
 import { run } from './helpers/exec.js';
 import { CLIENTS, nix28, REPO } from './helpers/nix.js';
-
-/** The CLI compiled from the current sources (cached by content): what sshd runs. */
-async function compiledCli(): Promise<string> {
-  const h = createHash('sha256');
-  const srcDir = join(REPO, 'src');
-  for (const f of (readdirSync(srcDir, { recursive: true }) as string[]).filter((x) => x.endsWith('.ts')).sort()) {
-    h.update(f).update(readFileSync(join(srcDir, f)));
-  }
-  const dir = join(REPO, 'node_modules', '.cache', 'buildbox-test-cli', h.digest('hex').slice(0, 16));
-  const cli = join(dir, 'src', 'cli.js');
-  if (existsSync(cli)) return cli;
-  const tmp = `${dir}.tmp-${process.pid}-${randomBytes(3).toString('hex')}`;
-  const tsc = join(REPO, 'node_modules', 'typescript', 'bin', 'tsc');
-  const r = await run(process.execPath, [tsc, '-p', join(REPO, 'tsconfig.build.json'), '--outDir', tmp], {
-    allowFail: true,
-    timeoutMs: 110_000,
-  });
-  if (!existsSync(join(tmp, 'src', 'cli.js'))) throw new Error(`tsc produced no cli.js:\n${r.stdout}${r.stderr}`);
-  copyFileSync(join(REPO, 'package.json'), join(tmp, 'package.json'));
-  try {
-    renameSync(tmp, dir);
-  } catch {
-    rmSync(tmp, { recursive: true, force: true });
-  }
-  return cli;
-}
 
 const GID = 61000;
 const UIDS: Record<string, number> = { alice: 61001, bob: 61002, dave: 61003 };
