@@ -32,6 +32,21 @@ interface Follower {
   status?(): object;
 }
 
+/**
+ * Keys the built-in server cannot take (FIDO `sk-` keys, cert-authority lines, from=/command= restrictions) are
+ * kept for the OpenSSH front door; say so in the log rather than dropping them silently.
+ */
+function logUnusableKeys(r: RegistryData, logger: Logger): void {
+  for (const u of r.users.values()) {
+    for (const k of u.unusableKeys) {
+      logger.info(
+        { user: u.name, key: k.fingerprint, type: k.type, file: u.keyFile, line: k.line, reason: k.unusableReason },
+        'key kept for the OpenSSH front door only',
+      );
+    }
+  }
+}
+
 export class Registry {
   private constructor(
     private readonly follower: Follower,
@@ -60,7 +75,9 @@ export class Registry {
       src.on('change', (r: RegistryData, _prev: RegistryData, commit: string) =>
         logger.info({ users: r.users.size, commit }, 'registry commit applied'),
       );
+      src.on('change', (r: RegistryData) => logUnusableKeys(r, logger));
       await src.start();
+      logUnusableKeys(src.registry, logger);
       return new Registry(src, `git ${config.registry.git} (${config.registry.branch})`, () => {
         const st = src.status();
         if (st.rejected) return [`commit ${st.rejected.commit} rejected`, ...st.rejected.problems].join('\n');
@@ -68,6 +85,8 @@ export class Registry {
       });
     }
     const watcher = await RegistryWatcher.start({ dir: config.registry.path, logger });
+    logUnusableKeys(watcher.registry, logger);
+    watcher.on('change', (r: RegistryData) => logUnusableKeys(r, logger));
     watcher.on('rejected', (e: RegistryError) =>
       logger.error(
         { err: e.message, problems: e.problems.map((p) => formatProblem(p)) },

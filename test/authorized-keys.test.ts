@@ -6,7 +6,7 @@ import {
   parseAuthorizedKeys,
   sshFingerprint,
 } from '../src/authorized-keys.js';
-import { keygenFingerprint, makeKeys, type TestKeys, wireBlob } from './registry-fixtures.js';
+import { keygenFingerprint, makeKeys, type TestKeys, wireBlob } from './helpers/registry-fixtures.js';
 
 let K: TestKeys;
 beforeAll(async () => {

@@ -31,6 +31,7 @@ import { startTestBox, type TestBox } from './helpers/box.js';
 import { compiledCli } from './helpers/cli.js';
 import { run } from './helpers/exec.js';
 import { CLIENTS, nix28, REPO } from './helpers/nix.js';
+import { skLine } from './helpers/registry-fixtures.js';
 
 const GID = 61000;
 const UIDS: Record<string, number> = { alice: 61001, bob: 61002, dave: 61003 };
@@ -57,24 +58,9 @@ async function freePort(): Promise<number> {
   return p;
 }
 
-/** A well-formed FIDO (sk-ssh-ed25519) public key line: no device needed to register one. */
-function skKeyLine(): string {
-  const str = (b: Buffer) => {
-    const l = Buffer.alloc(4);
-    l.writeUInt32BE(b.length);
-    return Buffer.concat([l, b]);
-  };
-  const blob = Buffer.concat([
-    str(Buffer.from('sk-ssh-ed25519@openssh.com')),
-    str(randomBytes(32)),
-    str(Buffer.from('ssh:')),
-  ]);
-  return `sk-ssh-ed25519@openssh.com ${blob.toString('base64')} bob@yubikey`;
-}
-
 beforeAll(async () => {
   let caPub = '';
-  const sk = skKeyLine();
+  const sk = skLine('ed25519', 'bob@yubikey');
   [tb, cli] = await Promise.all([
     startTestBox({
       users: ['alice', 'bob', 'dave'],

@@ -7,7 +7,7 @@ import { formatProblem } from '../src/registry.js';
 import { checkRegistry, compareUserNames, githubAnnotation, runUsersCheck } from '../src/registry-check.js';
 import { tempDir } from './helpers/exec.js';
 import { nix28, REPO } from './helpers/nix.js';
-import { makeKeys, type TestKeys, writeTree } from './registry-fixtures.js';
+import { makeKeys, type TestKeys, writeTree } from './helpers/registry-fixtures.js';
 
 let K: TestKeys;
 const dirs: Array<{ cleanup: () => void }> = [];

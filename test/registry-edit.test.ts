@@ -8,7 +8,7 @@ import { formatProblem, loadRegistry } from '../src/registry.js';
 import { checkRegistry, compareUserNames } from '../src/registry-check.js';
 import { addUser, insertUserEntry, RegistryEditError, removeUser, removeUserEntry } from '../src/registry-edit.js';
 import { tempDir } from './helpers/exec.js';
-import { makeKeys, type TestKeys, writeTree } from './registry-fixtures.js';
+import { makeKeys, type TestKeys, writeTree } from './helpers/registry-fixtures.js';
 
 let K: TestKeys;
 const dirs: Array<{ cleanup: () => void }> = [];

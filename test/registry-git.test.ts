@@ -4,7 +4,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
 import type { Registry } from '../src/registry.js';
 import { GitRegistrySource, type RejectedCommit } from '../src/registry-git.js';
 import { run, tempDir } from './helpers/exec.js';
-import { makeKeys, type TestKeys, writeTree } from './registry-fixtures.js';
+import { makeKeys, type TestKeys, writeTree } from './helpers/registry-fixtures.js';
 
 let K: TestKeys;
 const dirs: Array<{ cleanup: () => void }> = [];

@@ -11,7 +11,7 @@ import {
   userNameProblem,
 } from '../src/registry.js';
 import { tempDir } from './helpers/exec.js';
-import { makeKeys, type TestKeys, writeTree } from './registry-fixtures.js';
+import { makeKeys, type TestKeys, writeTree } from './helpers/registry-fixtures.js';
 
 let K: TestKeys;
 const dirs: Array<{ cleanup: () => void }> = [];

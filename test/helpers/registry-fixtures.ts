@@ -5,7 +5,7 @@
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { run, tempDir } from './helpers/exec.js';
+import { run, tempDir } from './exec.js';
 
 export interface KeyPair {
   /** The .pub line (with a comment). */
