@@ -3,11 +3,10 @@
  * protocol the command asks for, runs its handler on the given streams as the given user, and writes the one log
  * line per session (user, key fingerprint, command, duration, bytes in/out, result).
  */
-import type { Readable, Writable } from 'node:stream';
 import type { Logger } from 'pino';
 import type { Builder } from './build.js';
 import { runServe, type ServeStats } from './serve-protocol.js';
-import { newSessionId, parseCommand, type Session, UNKNOWN_COMMAND_MESSAGE } from './session.js';
+import { type CommandRequest, newSessionId, parseCommand, type Session, UNKNOWN_COMMAND_MESSAGE } from './session.js';
 import type { Store } from './store.js';
 import { runWorker, type WorkerStats } from './worker-protocol.js';
 
@@ -19,16 +18,7 @@ export interface CommandContext {
   info?: (user: string) => unknown;
 }
 
-export interface CommandRequest {
-  user: string;
-  keyFingerprint: string;
-  command: string;
-  remoteAddress?: string;
-  stdin: Readable;
-  stdout: Writable;
-  stderr: Writable;
-  signal: AbortSignal;
-}
+export type { CommandRequest };
 
 export async function runCommand(ctx: CommandContext, req: CommandRequest): Promise<number> {
   const started = Date.now();

@@ -32,6 +32,7 @@ import { chmodSync, chownSync, lstatSync, unlinkSync } from 'node:fs';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { Readable, Writable } from 'node:stream';
 import type { Logger } from 'pino';
+import type { CommandRequest } from './session.js';
 
 export const SESSION_SOCKET_FILE = 'session.sock';
 export const SESSION_PROTOCOL_VERSION = 1;
@@ -58,17 +59,8 @@ export interface SessionHeader {
   remoteAddress?: string;
 }
 
-export interface SessionExecRequest {
-  user: string;
-  keyFingerprint: string;
-  command: string;
-  remoteAddress?: string;
-  stdin: Readable;
-  stdout: Writable;
-  stderr: Writable;
-  /** Aborted when the client's connection goes away. */
-  signal: AbortSignal;
-}
+/** What the socket hands to the box: the same request every front door makes. */
+export type SessionExecRequest = CommandRequest;
 
 export interface SessionSocketOptions {
   /** Permissions of the socket file (default 0660: the box's user and group). */

@@ -3,6 +3,7 @@
  * SSH server or the OpenSSH forced command). Handlers get their store view, builder and logger from here.
  */
 import { randomBytes } from 'node:crypto';
+import type { Readable, Writable } from 'node:stream';
 import type { Logger } from 'pino';
 import type { Builder } from './build.js';
 import type { Store } from './store.js';
@@ -17,6 +18,21 @@ export interface Session {
   readonly logger: Logger;
   /** Aborted when the client goes away: cancels queued and running builds. */
   readonly signal: AbortSignal;
+}
+
+/** A command to run for an authenticated user, as every front door hands it to the dispatcher. */
+export interface CommandRequest {
+  user: string;
+  /** `SHA256:…` of the key the user authenticated with ('' when the front door does not know it). */
+  keyFingerprint: string;
+  /** The command line the client asked to exec, e.g. `nix-store --serve --write`. */
+  command: string;
+  remoteAddress?: string;
+  stdin: Readable;
+  stdout: Writable;
+  stderr: Writable;
+  /** Aborted when the client goes away (channel, connection or socket closed). */
+  signal: AbortSignal;
 }
 
 export function newSessionId(): string {

@@ -4,24 +4,12 @@
  * shared command dispatcher with the channel as its byte streams.
  */
 import type { AddressInfo } from 'node:net';
-import type { Readable, Writable } from 'node:stream';
 import type { Logger } from 'pino';
 import ssh2, { type Connection } from 'ssh2';
 import { fingerprintOfBlob, type HostKey } from './host-key.js';
+import type { CommandRequest } from './session.js';
 
 const { Server, utils } = ssh2; // CommonJS module
-
-export interface ExecRequest {
-  user: string;
-  keyFingerprint: string;
-  command: string;
-  remoteAddress: string;
-  stdin: Readable;
-  stdout: Writable;
-  stderr: Writable;
-  /** Aborted when the channel or the connection goes away. */
-  signal: AbortSignal;
-}
 
 export interface SshServerOptions {
   hostKey: HostKey;
@@ -30,7 +18,7 @@ export interface SshServerOptions {
   /** Is this key allowed to log in as this user? Called for every attempt, so registry changes apply at once. */
   isAuthorized(user: string, keyAlgo: string, keyBlob: Buffer): boolean;
   /** Run a command; resolves with its exit status. */
-  exec(req: ExecRequest): Promise<number>;
+  exec(req: CommandRequest): Promise<number>;
   authTimeoutMs: number;
   maxConnections: number;
   logger: Logger;
