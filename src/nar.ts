@@ -203,7 +203,9 @@ function extract(m) {
     }
   }
   if (m.last) { closeAll(job); extractions.delete(m.id); }
-  parentPort.postMessage({ id: m.id, bytes: m.bytes, last: !!m.last, error });
+  // The batch's buffers go back to be reused (fresh ones would cost page faults and garbage collection).
+  const back = m.data ? [m.ops, m.data] : [m.ops];
+  parentPort.postMessage({ id: m.id, bytes: m.bytes, last: !!m.last, error, ops: m.ops, data: m.data }, back);
 }
 
 // ---- dump: a depth-first walk that serialises straight into the reply buffer ----
@@ -440,8 +442,9 @@ interface WorkerReply {
   /** Extraction: bytes of the acknowledged batch, and whether it was the job's last. */
   bytes?: number;
   last?: boolean;
-  /** Dump: a chunk of NAR bytes (`len` of `data`), and whether the NAR is complete. */
+  /** Dump: a chunk of NAR bytes (`len` of `data`), and whether the NAR is complete. Extraction: the batch's buffers. */
   data?: ArrayBuffer;
+  ops?: ArrayBuffer;
   len?: number;
   done?: boolean;
   error?: { message: string; code?: string; dump?: boolean };
@@ -711,6 +714,21 @@ const BATCH_DATA = 1024 * 1024;
 const BATCH_OPS = 16 * 1024;
 const MAX_INFLIGHT = 16 * 1024 * 1024;
 
+/** Batch buffers handed back by the worker, for the next batches of any extraction. */
+const spareData: ArrayBuffer[] = [];
+const spareOps: ArrayBuffer[] = [];
+const SPARES = 8;
+const OPS_BYTES = (BATCH_OPS + 8) * 4;
+
+function newData(): Buffer {
+  const ab = spareData.pop();
+  return ab ? Buffer.from(ab) : Buffer.allocUnsafeSlow(BATCH_DATA);
+}
+
+function newOps(): Int32Array {
+  return new Int32Array(spareOps.pop() ?? new ArrayBuffer(OPS_BYTES));
+}
+
 /** Builds the tree through the worker; the parser calls it in NAR order. */
 class Extractor {
   /** Directories created, in creation order (parents first). */
@@ -719,7 +737,7 @@ class Extractor {
   error: NarRestoreError | undefined = undefined;
   private readonly worker = IoWorker.get();
   private readonly id: number;
-  private ops = new Int32Array(BATCH_OPS + 8);
+  private ops = newOps();
   private nops = 0;
   private data: Buffer | null = null;
   private dataLen = 0;
@@ -746,6 +764,8 @@ class Extractor {
 
   private reply(m: WorkerReply): void {
     this.inflight -= m.bytes ?? 0;
+    if (m.data?.byteLength === BATCH_DATA && spareData.length < SPARES) spareData.push(m.data);
+    if (m.ops?.byteLength === OPS_BYTES && spareOps.length < SPARES) spareOps.push(m.ops);
     if (m.error && this.error === undefined) {
       const e = Object.assign(new Error(m.error.message), { code: m.error.code });
       this.error = this.wrap(e);
@@ -769,9 +789,12 @@ class Extractor {
     const bytes = this.dataLen + this.nops * 4;
     this.inflight += bytes;
     const data = this.data && this.dataLen > 0 ? (this.data.buffer as ArrayBuffer) : null;
+    if (this.data && data === null && this.data.length === BATCH_DATA && spareData.length < SPARES) {
+      spareData.push(this.data.buffer as ArrayBuffer);
+    }
     const ops = this.ops.buffer as ArrayBuffer;
     this.worker.post({ k: 'x', id: this.id, ops, nops: this.nops, data, bytes, last }, data ? [ops, data] : [ops]);
-    this.ops = new Int32Array(BATCH_OPS + 8);
+    this.ops = newOps();
     this.nops = 0;
     this.data = null;
     this.dataLen = 0;
@@ -831,7 +854,7 @@ class Extractor {
   /** Make room for `n` more data bytes in the current batch (posting it if full). */
   private reserve(n: number): Buffer {
     if (this.data !== null && this.dataLen + n > this.data.length) this.flush();
-    if (this.data === null) this.data = Buffer.allocUnsafeSlow(Math.max(BATCH_DATA, n));
+    if (this.data === null) this.data = n <= BATCH_DATA ? newData() : Buffer.allocUnsafeSlow(n);
     return this.data;
   }
 
@@ -870,7 +893,7 @@ class Extractor {
   write(file: number, chunk: Buffer): void {
     let off = 0;
     while (off < chunk.length) {
-      if (this.data === null) this.data = Buffer.allocUnsafeSlow(BATCH_DATA);
+      if (this.data === null) this.data = newData();
       const n = Math.min(chunk.length - off, this.data.length - this.dataLen);
       chunk.copy(this.data, this.dataLen, off, off + n);
       this.push4(OP_WRITE, file, this.dataLen, n);
