@@ -3,7 +3,7 @@
  * and framed streams. `WireReader` pulls from any async byte source with backpressure (it asks for the next chunk only
  * when it needs more bytes); `WireWriter` batches small writes and honours the sink's backpressure.
  */
-import type { Writable } from 'node:stream';
+import { finished, Readable, type Writable } from 'node:stream';
 
 export class WireError extends Error {
   constructor(
@@ -40,15 +40,7 @@ export class WireReader {
   readonly limits: WireLimits;
 
   constructor(source: ByteSource, limits: Partial<WireLimits> = {}) {
-    // A Readable's default iterator destroys the stream when it ends, which for an SSH channel or socket would also
-    // close the sending side before the reply and exit status are out; keep the stream alive instead.
-    const withOptions = source as {
-      iterator?: (o: { destroyOnReturn: boolean }) => AsyncIterator<Buffer | Uint8Array | string>;
-    };
-    this.it =
-      typeof withOptions.iterator === 'function'
-        ? withOptions.iterator({ destroyOnReturn: false })
-        : source[Symbol.asyncIterator]();
+    this.it = source instanceof Readable ? readableChunks(source) : source[Symbol.asyncIterator]();
     this.limits = { ...DEFAULT_LIMITS, ...limits };
   }
 
@@ -204,6 +196,60 @@ export class WireReader {
       left -= c.length;
     }
   }
+}
+
+/**
+ * The chunks of a Readable as they arrive. Unlike a Readable's own async iterator it never concatenates what is
+ * buffered (that iterator's `read()` copies every byte of an upload once more), and it never destroys the stream at
+ * the end, which for an SSH channel or socket would also close the sending side before the reply and exit status are
+ * out. Backpressure: the stream is paused while more than `highWater` bytes wait unread. A stream that closes
+ * without ending is an error (as with the built-in iterator).
+ */
+export function readableChunks(stream: Readable, highWater = 1024 * 1024): AsyncIterator<Buffer | string> {
+  const queue: Array<Buffer | string> = [];
+  let head = 0;
+  let queued = 0;
+  let done = false;
+  let error: Error | null = null;
+  let wake: (() => void) | null = null;
+  const notify = () => {
+    const w = wake;
+    wake = null;
+    w?.();
+  };
+  stream.on('data', (c: Buffer | string) => {
+    queue.push(c);
+    queued += c.length;
+    if (queued > highWater) stream.pause();
+    notify();
+  });
+  finished(stream, { writable: false }, (err) => {
+    if (err) error = err;
+    done = true;
+    notify();
+  });
+  return {
+    async next(): Promise<IteratorResult<Buffer | string>> {
+      for (;;) {
+        if (head < queue.length) {
+          const c = queue[head]!;
+          queue[head++] = '';
+          if (head > 1024 && head * 2 > queue.length) {
+            queue.splice(0, head);
+            head = 0;
+          }
+          queued -= c.length;
+          if (queued <= highWater && stream.isPaused() && !done) stream.resume();
+          return { value: c, done: false };
+        }
+        if (error) throw error;
+        if (done) return { value: undefined, done: true };
+        await new Promise<void>((resolve) => {
+          wake = resolve;
+        });
+      }
+    },
+  };
 }
 
 /** Reads a framed stream (spec §1.4) as a byte source: u64 length + bytes, terminated by a zero-length frame. */
