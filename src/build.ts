@@ -129,7 +129,7 @@ export interface BuilderConfig {
   maxSilentTime?: number;
   buildTimeout?: number;
   maxLogSize?: number;
-  /** Compressed build logs: `<logDir>/<drv base name>.gz`. */
+  /** Compressed build logs: `<logDir>/<user>/<drv base name>.gz`. */
   logDir: string;
   /** Per-build sandbox directories are made here (must be traversable by the build uids; made 0711). */
   buildDirRoot: string;
@@ -492,6 +492,11 @@ interface OutputResult {
 
 let buildSeq = 0;
 
+/** Where a user's build logs are kept (user names are registry names: no `/`, never `.` or `..`). */
+export function buildLogDir(logDir: string, user: string): string {
+  return join(logDir, user);
+}
+
 export class Builder {
   readonly store: Store;
   readonly scheduler: Scheduler;
@@ -837,7 +842,7 @@ export class Builder {
     const timeout = capLimit(req.options.buildTimeout, this.config.buildTimeout);
     const maxLog = capLimit(req.options.maxLogSize, this.config.maxLogSize);
     const tail = new LogTail(this.config.logLines ?? 10);
-    const log = this.openLog(drvPath);
+    const log = this.openLog(req.user, drvPath);
 
     const proc = spawnSandbox(
       {
@@ -962,9 +967,12 @@ export class Builder {
     return {};
   }
 
-  /** The compressed copy of the log kept on the box, written to a temp name and renamed when complete. */
-  private openLog(drvPath: string): { write(b: Buffer): void; close(): Promise<void> } {
-    const dir = this.config.logDir;
+  /**
+   * The compressed copy of the log kept on the box, per user (two users may build the same drv path, and a log can
+   * show private data), written to a temp name and renamed when complete.
+   */
+  private openLog(user: string, drvPath: string): { write(b: Buffer): void; close(): Promise<void> } {
+    const dir = buildLogDir(this.config.logDir, user);
     const final = join(dir, `${baseName(drvPath)}.gz`);
     const tmp = join(dir, `.${baseName(drvPath)}.${randomBytes(6).toString('hex')}.tmp`);
     let gz: Gzip | undefined;

@@ -205,7 +205,7 @@ describe('builds compared with the real Nix 2.8', () => {
       expect(st.uid).toBe(0);
     }
 
-    const logFile = join(work.path, 'logs', `${hello.drvPath.slice(11)}.gz`);
+    const logFile = join(work.path, 'logs', 'alice', `${hello.drvPath.slice(11)}.gz`);
     expect(gunzipSync(readFileSync(logFile)).equals(Buffer.concat(rec.logs))).toBe(true);
 
     // Again: already valid, nothing run.

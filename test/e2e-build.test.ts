@@ -8,6 +8,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestBox, type TestBox } from './helpers/box.js';
+import { compiledCli } from './helpers/cli.js';
 import { run } from './helpers/exec.js';
 import { CLIENTS, nixEnv } from './helpers/nix.js';
 
@@ -112,6 +113,15 @@ describe.each(CLIENTS)('remote builds over ssh:// with $name', (client) => {
     expect(r.stderr).toContain('line-one');
     expect(r.stderr).toContain('line-two');
     expect(r.stderr).toMatch(/failed with exit code 3/);
+    // The box keeps its own copy of the log, per user.
+    const drv = /building '(\/nix\/store\/[^']+\.drv)'/.exec(r.stderr)![1]!;
+    const cli = await compiledCli();
+    const stateDir = tb.box.config.stateDir;
+    const log = await run('node', [cli, 'log', drv, '--state-dir', stateDir]);
+    expect(log.stdout).toBe('line-one\nline-two\n');
+    const bob = await run('node', [cli, 'log', drv, '--user', 'bob', '--state-dir', stateDir], { allowFail: true });
+    expect(bob.code).toBe(1);
+    expect(bob.stderr).toContain(`no build log of ${drv.slice(11)} on this box for bob`);
   });
 
   it('rejects a fixed-output derivation with a wrong hash, showing both hashes', async () => {

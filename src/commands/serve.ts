@@ -1,8 +1,11 @@
 /** `buildbox serve` and `buildbox fingerprint`. */
-import { readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { createReadStream, existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { createGunzip } from 'node:zlib';
 import type { Command } from 'commander';
 import { readSigningPublicKey, startBox } from '../box.js';
+import { buildLogDir } from '../build.js';
 import { type Config, loadConfig } from '../config.js';
 import { knownHostsLine, loadOrCreateHostKey } from '../host-key.js';
 import { createLogger } from '../logger.js';
@@ -92,6 +95,30 @@ export function registerServeCommands(program: Command): void {
         throw new Error(`no running box found: process ${pid} from ${pidFile} is gone`);
       }
       process.stdout.write(`asked the box (pid ${pid}) to reload its registry\n`);
+    });
+
+  program
+    .command('log')
+    .description("print the box's copy of a build log (kept compressed per user under <state-dir>/logs)")
+    .argument('<drv>', 'the derivation path (or its base name)')
+    .option('-u, --user <name>', 'whose build (needed when several users built it)')
+    .option('-c, --config <file>', 'TOML config file')
+    .option('--state-dir <dir>', 'state directory (default ./.buildbox)')
+    .action(async (drv: string, opts: CommonOpts & { user?: string }) => {
+      const config = configFrom(opts);
+      const logDir = join(config.stateDir, 'logs');
+      const base = basename(drv);
+      if (!/^[0-9a-z]{32}-.+\.drv$/.test(base)) throw new Error(`'${drv}' is not a derivation path`);
+      const users = opts.user ? [opts.user] : existsSync(logDir) ? readdirSync(logDir) : [];
+      const found = users.map((u) => join(buildLogDir(logDir, u), `${base}.gz`)).filter((f) => existsSync(f));
+      if (found.length === 0)
+        throw new Error(`no build log of ${base} on this box${opts.user ? ` for ${opts.user}` : ''}`);
+      if (found.length > 1) {
+        throw new Error(
+          `${found.length} users built ${base}; pick one with --user (${found.map((f) => basename(dirname(f))).join(', ')})`,
+        );
+      }
+      await pipeline(createReadStream(found[0]!), createGunzip(), process.stdout);
     });
 
   program
