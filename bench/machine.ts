@@ -1,12 +1,14 @@
 /** What the results were measured on: CPU, cores, memory, kernel, tool versions, git commit. */
 import { readFileSync } from 'node:fs';
-import { availableParallelism, cpus, release, totalmem } from 'node:os';
+import { availableParallelism, cpus, loadavg, release, totalmem } from 'node:os';
 import { run } from './proc.js';
 
 export interface MachineInfo {
   cpu: { model: string; cores: number; mhz: number | null; flags: string[] };
   memoryGiB: number;
   kernel: string;
+  /** 1-minute load average when the run started (other work on the machine makes results noisy). */
+  loadAtStart: number;
   versions: { node: string; nix: string; openssh: string; sshd: string };
   git: { commit: string; branch: string; dirty: boolean };
 }
@@ -32,6 +34,7 @@ export async function machineInfo(repo: string): Promise<MachineInfo> {
     cpu: { model: c[0]?.model ?? 'unknown', cores: availableParallelism(), mhz: c[0]?.speed ?? null, flags },
     memoryGiB: Math.round((totalmem() / 2 ** 30) * 10) / 10,
     kernel: release(),
+    loadAtStart: Math.round(loadavg()[0]! * 100) / 100,
     versions: {
       node: process.version,
       nix: (await out('nix', ['--version'])).split('\n')[0]!,

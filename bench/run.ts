@@ -11,6 +11,7 @@
  * It reports, it never fails on a missed target; it exits non-zero only when the harness itself breaks.
  */
 import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -552,12 +553,13 @@ async function main(): Promise<number> {
   const setup =
     `${machine.cpu.model}, ${machine.cpu.cores} cores, ${machine.memoryGiB} GiB; Node ${machine.versions.node}, ` +
     `${machine.versions.nix}, ${machine.versions.openssh}; cipher ${o.cipher}; reps ${o.reps} ` +
-    `(P3 ${o.p3Reps}, P4 ${o.p4Reps}); commit ${machine.git.commit.slice(0, 10)}${machine.git.dirty ? '+dirty' : ''}`;
+    `(P3 ${o.p3Reps}, P4 ${o.p4Reps}); load average ${machine.loadAtStart} at start, ${loadavg()[0]!.toFixed(2)} at end; commit ${machine.git.commit.slice(0, 10)}${machine.git.dirty ? '+dirty' : ''}`;
   process.stdout.write(`\n${setup}\n`);
 
   if (o.json) {
     const out = {
       date: new Date().toISOString(),
+      loadAtEnd: Math.round(loadavg()[0]! * 100) / 100,
       options: o,
       machine,
       problems: errors,
