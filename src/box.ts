@@ -17,7 +17,7 @@ import { SESSION_SOCKET_FILE, type SessionSocketHandle, startSessionSocket } fro
 import { loadPublicKey, loadSecretKey, type PublicKey, SecretKey, savePublicKey, saveSecretKey } from './signing.js';
 import { type SshServerHandle, startSshServer } from './ssh-server.js';
 import { type StatusServerHandle, startStatusServer } from './status-server.js';
-import { Store } from './store.js';
+import { removeTreeSync, Store } from './store.js';
 
 export interface Box {
   config: Config;
@@ -83,6 +83,10 @@ export async function startBox(config: Config, logger: Logger): Promise<Box> {
         'searchable by others (chmod o+x it, or use a state dir such as /var/lib/buildbox with --state-dir)',
     );
   }
+  // Zero persistence: besides the store (wiped by Store.open), build logs go unless `persist`; build directories
+  // left by a crash always go. Host key, signing key and config survive.
+  if (!config.persist) removeTreeSync(join(config.stateDir, 'logs'));
+  removeTreeSync(join(config.stateDir, 'builds'));
   const hostKey = loadOrCreateHostKey(config.stateDir);
   const signingKey = loadOrCreateSigningKey(config.stateDir, config.hostName);
   const registry = await Registry.start(config, logger.child({ part: 'registry' }));

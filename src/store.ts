@@ -252,7 +252,8 @@ function makeWritableSync(p: string): void {
   }
 }
 
-function removeTreeSync(p: string): void {
+/** Remove a tree that may hold read-only (canonical store mode) directories. */
+export function removeTreeSync(p: string): void {
   makeWritableSync(p);
   rmSync(p, { recursive: true, force: true });
 }

@@ -1,5 +1,5 @@
 /** Zero persistence (issue 3): the store is emptied at every start unless `persist`; the host key survives. */
-import { readdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestBox, type TestBox } from './helpers/box.js';
@@ -38,7 +38,11 @@ describe('restart', () => {
     const signing = tb.box.signingKey.publicKey.toString();
     const path = await upload();
     expect(await valid(path)).toBe(true);
+    const logs = join(tb.box.config.stateDir, 'logs', 'alice');
+    mkdirSync(logs, { recursive: true });
+    writeFileSync(join(logs, 'x.drv.gz'), '');
     await tb.restart();
+    expect(existsSync(logs)).toBe(false);
     expect(tb.box.hostKey.fingerprint).toBe(fingerprint);
     expect(tb.box.signingKey.publicKey.toString()).toBe(signing);
     expect(objects()).toBe(0);
