@@ -4,8 +4,8 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestBox, type TestBox } from './helpers/box.js';
 import { compiledCli } from './helpers/cli.js';
@@ -21,7 +21,7 @@ beforeAll(async () => {
   hello = tb.helloBox();
   writeFileSync(
     join(tb.dir, 'hello', 'more.nix'),
-    `{ salt, sleep ? "0" }:
+    `{ salt, sleep ? "0", target ? "", port ? "0" }:
 let
   bb = builtins.path { path = ./bb; name = "busybox"; };
   mk = attrs: derivation ({ system = builtins.currentSystem; builder = "\${bb}/bin/sh"; PATH = "\${bb}/bin"; } // attrs);
@@ -36,6 +36,18 @@ in rec {
   silent = mk { name = "silent-\${salt}"; args = [ "-c" "echo start; sleep 30; echo done > $out" ]; };
   kvm = mk { name = "kvm-\${salt}"; requiredSystemFeatures = [ "kvm" ]; args = [ "-c" "echo > $out" ]; };
   slow = mk { name = "slow-\${salt}"; args = [ "-c" "echo started; sleep \${sleep}; echo ok > $out" ]; };
+  escape = mk { name = "escape-\${salt}"; inherit target port; args = [ "-c" ''
+    mkdir $out
+    ls /nix/store > $out/store
+    if cat $target/* >/dev/null 2>&1; then echo yes; else echo no; fi > $out/read-outside
+    if wget -q -T 2 -O /dev/null http://127.0.0.1:$port/ 2>/dev/null; then echo yes; else echo no; fi > $out/network
+    if touch \${bb}/planted 2>/dev/null; then echo yes; else echo no; fi > $out/write-input
+    if touch /etc/planted 2>/dev/null; then echo yes; else echo no; fi > $out/write-etc
+    touch /tmp/ok && touch /build/ok && echo yes > $out/write-tmp-build
+    id -u > $out/uid
+    (sleep 1000 &)
+    sleep 1000 &
+  '' ]; };
 }
 `,
   );
@@ -163,6 +175,50 @@ describe.each(CLIENTS)('remote builds over ssh:// with $name', (client) => {
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/kvm/);
     expect(r.stderr).toMatch(/is required to build/);
+  });
+});
+
+describe('the sandbox, seen through a real client', () => {
+  it('hides the rest of the store, has no network, keeps writes to $out, /build and /tmp, and leaves no process', async () => {
+    const more = join(tb.dir, 'hello', 'more.nix');
+    const salt = nonce();
+    // A path valid for alice on the box but outside this build's closure.
+    const other = (await build(CLIENTS[0]!, [more, '-A', 'a', '--argstr', 'salt', salt])).stdout.trim();
+    expect(tb.box.store.isValidPath('alice', other)).toBe(true);
+    const r = await build(CLIENTS[0]!, [
+      more,
+      '-A',
+      'escape',
+      '--argstr',
+      'salt',
+      salt,
+      '--argstr',
+      'target',
+      other,
+      '--argstr',
+      'port',
+      String(tb.box.status!.port),
+    ]);
+    const out = r.stdout.trim();
+    const file = (n: string) => readFileSync(join(out, n), 'utf8').trim();
+    expect(file('store').split('\n').sort()).toEqual(
+      [
+        basename(out),
+        ...tb.box.store
+          .queryClosure('alice', [out])
+          .filter((p) => p !== out)
+          .map((p) => basename(p)),
+      ].sort(),
+    );
+    expect(file('store')).not.toContain(basename(other));
+    expect(file('read-outside')).toBe('no');
+    expect(file('network')).toBe('no');
+    expect(file('write-input')).toBe('no');
+    expect(file('write-etc')).toBe('no');
+    expect(file('write-tmp-build')).toBe('yes');
+    expect(file('uid')).toBe('1000');
+    const sleepers = await run('pgrep', ['-f', 'sleep 1000'], { allowFail: true });
+    expect(sleepers.stdout.trim()).toBe('');
   });
 });
 
