@@ -10,11 +10,13 @@
  * below the top-level node are Buffers too, so non-UTF-8 names round-trip exactly.
  *
  * The file system work of both directions runs in one shared worker thread with synchronous calls, batched: the event
- * loop never waits on the disk, and a tree of many small files costs no thread-pool round trip per system call. The
- * main thread parses, validates and hashes. Memory is bounded (a few MiB of chunks ahead for a dump, at most 16 MiB
+ * loop never waits long on the disk, and a tree of many small files costs no thread-pool round trip per system call.
+ * Only the first few nodes of an extraction (at most 16, and 256 KiB of contents) are made in-thread, which is all a
+ * small store path needs: a message round trip to the worker would cost more than those few system calls. The main
+ * thread parses, validates and hashes. Memory is bounded (a few MiB of chunks ahead for a dump, at most 16 MiB
  * queued for extraction), whatever the size of the NAR.
  */
-import { createHash, type Hash, randomBytes } from 'node:crypto';
+import { createHash, type Hash, randomFillSync } from 'node:crypto';
 import * as fs from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import { WireError, type WireReader } from './wire.js';
@@ -127,6 +129,29 @@ function pLstat(path: string | Buffer): Promise<fs.Stats> {
   return new Promise((res, rej) => fs.lstat(path, (e, st) => (e ? rej(e) : res(st))));
 }
 
+/** Does anything exist at `path` (a symlink counts)? An error other than "not found" counts as no, like `pLstat`. */
+function lexists(path: string): boolean {
+  try {
+    return fs.lstatSync(path, { throwIfNoEntry: false }) !== undefined;
+  } catch {
+    return false;
+  }
+}
+
+/** Random bytes for unique names, drawn from a pool (one `randomFillSync` per 512 names, not one per name). */
+const randomPool = Buffer.allocUnsafe(4096);
+let randomPos = randomPool.length;
+
+/** `n` random bytes (n ≤ 64) as hex. */
+export function randomHex(n: number): string {
+  if (randomPos + n > randomPool.length) {
+    randomFillSync(randomPool);
+    randomPos = 0;
+  }
+  randomPos += n;
+  return randomPool.toString('hex', randomPos - n, randomPos);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The I/O worker: one shared worker thread performs the file system work of both directions synchronously — walking
 // and reading a tree for `dumpPath`, creating one for `restoreNar` — so that the event loop never blocks on the file
@@ -161,8 +186,8 @@ function run(job, ops, data) {
   const b = (i) => data.subarray(ops[i], ops[i] + ops[i + 1]);
   for (let i = 0; i < ops.length; ) {
     switch (ops[i]) {
-      case ${OP_MKDIR}: fs.mkdirSync(b(i + 1), 0o700); i += 3; break;
-      case ${OP_OPEN}: job.fds.set(ops[i + 1], fs.openSync(b(i + 2), O_CREATE, ops[i + 4])); i += 5; break;
+      case ${OP_MKDIR}: fs.mkdirSync(b(i + 1), 0o700); job.created = true; i += 3; break;
+      case ${OP_OPEN}: job.fds.set(ops[i + 1], fs.openSync(b(i + 2), O_CREATE, ops[i + 4])); job.created = true; i += 5; break;
       case ${OP_WRITE}: {
         const fd = job.fds.get(ops[i + 1]);
         let off = ops[i + 2];
@@ -183,7 +208,7 @@ function run(job, ops, data) {
         i += 3;
         break;
       }
-      case ${OP_SYMLINK}: { const p = b(i + 1); fs.symlinkSync(b(i + 3), p); fs.lutimesSync(p, 1, 1); i += 5; break; }
+      case ${OP_SYMLINK}: { const p = b(i + 1); fs.symlinkSync(b(i + 3), p); job.created = true; fs.lutimesSync(p, 1, 1); i += 5; break; }
       case ${OP_FIXDIR}: { const p = b(i + 1); fs.chmodSync(p, 0o555); fs.utimesSync(p, 1, 1); i += 3; break; }
       default: throw new Error('bad NAR extraction op ' + ops[i]);
     }
@@ -191,7 +216,8 @@ function run(job, ops, data) {
 }
 function extract(m) {
   let job = extractions.get(m.id);
-  if (!job) extractions.set(m.id, (job = { fds: new Map(), failed: false }));
+  // created: some node (so the first, the top-level one) was made by this job, so there is something to remove.
+  if (!job) extractions.set(m.id, (job = { fds: new Map(), failed: false, created: false }));
   let error;
   if (!job.failed && m.nops > 0) {
     try {
@@ -205,7 +231,8 @@ function extract(m) {
   if (m.last) { closeAll(job); extractions.delete(m.id); }
   // The batch's buffers go back to be reused (fresh ones would cost page faults and garbage collection).
   const back = m.data ? [m.ops, m.data] : [m.ops];
-  parentPort.postMessage({ id: m.id, bytes: m.bytes, last: !!m.last, error, ops: m.ops, data: m.data }, back);
+  const reply = { id: m.id, bytes: m.bytes, last: !!m.last, error, created: job.created, ops: m.ops, data: m.data };
+  parentPort.postMessage(reply, back);
 }
 
 // ---- dump: a depth-first walk that serialises straight into the reply buffer ----
@@ -439,9 +466,10 @@ parentPort.on('message', (m) => {
 
 interface WorkerReply {
   id: number;
-  /** Extraction: bytes of the acknowledged batch, and whether it was the job's last. */
+  /** Extraction: bytes of the acknowledged batch, whether it was the job's last, whether it has created a node. */
   bytes?: number;
   last?: boolean;
+  created?: boolean;
   /** Dump: a chunk of NAR bytes (`len` of `data`), and whether the NAR is complete. Extraction: the batch's buffers. */
   data?: ArrayBuffer;
   ops?: ArrayBuffer;
@@ -673,6 +701,12 @@ export interface RestoreOptions extends NarReadOptions {
    * for the next message. Parse errors and aborts always stop at once.
    */
   drainOnIoError?: boolean;
+  /**
+   * `dest` is a fresh name in a directory that only the caller uses (a store's scratch space): build the tree there
+   * directly, with no temporary name beside it, no existence checks and no final rename. Making the top-level node
+   * still never replaces anything (the restore fails if `dest` exists), and on failure what was made is removed.
+   */
+  direct?: boolean;
 }
 
 interface Limits {
@@ -705,7 +739,7 @@ function isEof(e: unknown): boolean {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Extraction (through the I/O worker)
+// Extraction (in-thread for small trees, else through the I/O worker)
 // ---------------------------------------------------------------------------------------------------------------
 
 /** Data bytes per batch, and how much may be posted but not yet written. */
@@ -729,15 +763,40 @@ function newOps(): Int32Array {
   return new Int32Array(spareOps.pop() ?? new ArrayBuffer(OPS_BYTES));
 }
 
-/** Builds the tree through the worker; the parser calls it in NAR order. */
+/**
+ * Files and directories a small tree may create in-thread, and the file contents it may write there, before the rest
+ * of the extraction goes to the I/O worker. A small NAR (most store paths: one file, a `.drv`, a short script) then
+ * costs a few synchronous system calls instead of messages to and from the worker, while a large or many-file tree
+ * still never holds up the event loop for long.
+ */
+const SYNC_NODES = 16;
+const SYNC_BYTES = 256 * 1024;
+const O_CREATE = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW;
+/** Like the worker: files are created with their final mode; fchmod only when the umask strips some of its bits. */
+let needChmod: boolean | undefined;
+
+/**
+ * Builds the tree; the parser calls it in NAR order. The first nodes are created in-thread, synchronously, while the
+ * tree stays within `SYNC_NODES` / `SYNC_BYTES`; from the first node that would exceed that, everything else goes
+ * through the worker in batches (the worker runs them after what was already done, in order). The operations, their
+ * checks and their errors are the same either way.
+ */
 class Extractor {
   /** Directories created, in creation order (parents first). */
   readonly dirs: Buffer[] = [];
   readonly root: Buffer;
   error: NarRestoreError | undefined = undefined;
-  private readonly worker = IoWorker.get();
-  private readonly id: number;
-  private ops = newOps();
+  /** Still in-thread: nothing has been handed to the worker. */
+  private sync = true;
+  private syncNodes = 0;
+  private syncBytes = 0;
+  /** In-thread open files (file id → fd). */
+  private readonly fds = new Map<number, number>();
+  /** The top-level node was made here (in-thread or by the worker): only then is there anything to remove. */
+  private created = false;
+  private worker: IoWorker | null = null;
+  private id = 0;
+  private ops: Int32Array | null = null;
   private nops = 0;
   private data: Buffer | null = null;
   private dataLen = 0;
@@ -755,15 +814,51 @@ class Extractor {
     readonly tmp: string,
   ) {
     this.root = Buffer.from(tmp);
-    this.id = this.worker.open((m) => this.reply(m));
   }
 
   wrap(e: unknown): NarRestoreError {
     return e instanceof NarRestoreError ? e : new NarRestoreError(this.dest, this.tmp, e);
   }
 
+  /** True while everything has been done in-thread (then `finish` and the final rename are synchronous too). */
+  get inThread(): boolean {
+    return this.sync;
+  }
+
+  /** May the next node (creating `bytes` of file contents) still be created in-thread? Otherwise go to the worker. */
+  private stayInThread(bytes: number): boolean {
+    if (!this.sync) return false;
+    if (this.error !== undefined) return true; // nothing more is done after a failure
+    if (this.syncNodes < SYNC_NODES && this.syncBytes + bytes <= SYNC_BYTES) {
+      this.syncNodes++;
+      this.syncBytes += bytes;
+      return true;
+    }
+    // Every in-thread file is closed here (nodes are created one after the other), so the worker starts afresh.
+    this.sync = false;
+    this.worker = IoWorker.get();
+    this.id = this.worker.open((m) => this.reply(m));
+    return false;
+  }
+
+  /** An in-thread operation failed: like the worker, stop doing anything more and close what is open. */
+  private fail(e: unknown): void {
+    this.error ??= this.wrap(e);
+    this.closeFds();
+  }
+
+  private closeFds(): void {
+    for (const fd of this.fds.values()) {
+      try {
+        fs.closeSync(fd);
+      } catch {}
+    }
+    this.fds.clear();
+  }
+
   private reply(m: WorkerReply): void {
     this.inflight -= m.bytes ?? 0;
+    if (m.created) this.created = true;
     if (m.data?.byteLength === BATCH_DATA && spareData.length < SPARES) spareData.push(m.data);
     if (m.ops?.byteLength === OPS_BYTES && spareOps.length < SPARES) spareOps.push(m.ops);
     if (m.error && this.error === undefined) {
@@ -776,7 +871,7 @@ class Extractor {
     if (m.last) {
       this.done = true;
       this.closed = true;
-      this.worker.close(this.id);
+      this.worker!.close(this.id);
       const f = this.finished;
       this.finished = null;
       f?.(this.error);
@@ -792,9 +887,9 @@ class Extractor {
     if (this.data && data === null && this.data.length === BATCH_DATA && spareData.length < SPARES) {
       spareData.push(this.data.buffer as ArrayBuffer);
     }
-    const ops = this.ops.buffer as ArrayBuffer;
-    this.worker.post({ k: 'x', id: this.id, ops, nops: this.nops, data, bytes, last }, data ? [ops, data] : [ops]);
-    this.ops = newOps();
+    const ops = (this.ops ?? newOps()).buffer as ArrayBuffer;
+    this.worker!.post({ k: 'x', id: this.id, ops, nops: this.nops, data, bytes, last }, data ? [ops, data] : [ops]);
+    this.ops = null;
     this.nops = 0;
     this.data = null;
     this.dataLen = 0;
@@ -803,6 +898,7 @@ class Extractor {
 
   /** Post a full batch; true when so much is queued for the worker that the parser should `wait()`. */
   busy(): boolean {
+    if (this.sync) return false;
     if (this.nops >= BATCH_OPS || this.dataLen >= BATCH_DATA) this.flush();
     return this.inflight > MAX_INFLIGHT && this.error === undefined && !this.done;
   }
@@ -816,6 +912,7 @@ class Extractor {
   }
 
   private room(k: number): Int32Array {
+    if (this.ops === null) this.ops = newOps();
     if (this.nops + k > this.ops.length) {
       const bigger = new Int32Array(this.ops.length * 2);
       bigger.set(this.ops.subarray(0, this.nops));
@@ -873,24 +970,68 @@ class Extractor {
   }
 
   mkdir(path: Buffer): void {
-    this.paths(OP_MKDIR, path);
     this.dirs.push(path);
+    if (!this.stayInThread(0)) {
+      this.paths(OP_MKDIR, path);
+      return;
+    }
+    if (this.error !== undefined) return;
+    try {
+      fs.mkdirSync(path, 0o700);
+      this.created = true;
+    } catch (e) {
+      this.fail(e);
+    }
   }
 
   symlink(path: Buffer, target: Buffer): void {
-    this.paths(OP_SYMLINK, path, target);
+    if (!this.stayInThread(0)) {
+      this.paths(OP_SYMLINK, path, target);
+      return;
+    }
+    if (this.error !== undefined) return;
+    try {
+      fs.symlinkSync(target, path);
+      this.created = true;
+      fs.lutimesSync(path, 1, 1);
+    } catch (e) {
+      this.fail(e);
+    }
   }
 
-  /** Start a regular file; returns its id for `write` and `end`. */
-  open(path: Buffer, executable: boolean): number {
+  /** Start a regular file of `size` bytes; returns its id for `write` and `end`. */
+  open(path: Buffer, executable: boolean, size: number): number {
     const id = this.nextFile++;
+    const mode = executable ? 0o555 : 0o444;
+    if (this.stayInThread(size)) {
+      if (this.error === undefined) {
+        try {
+          this.fds.set(id, fs.openSync(path, O_CREATE, mode));
+          this.created = true;
+        } catch (e) {
+          this.fail(e);
+        }
+      }
+      return id;
+    }
     const data = this.reserve(path.length);
-    this.push5(OP_OPEN, id, this.dataLen, path.length, executable ? 0o555 : 0o444);
+    this.push5(OP_OPEN, id, this.dataLen, path.length, mode);
     this.dataLen += path.copy(data, this.dataLen);
     return id;
   }
 
   write(file: number, chunk: Buffer): void {
+    const fd = this.fds.get(file);
+    if (fd !== undefined) {
+      try {
+        let off = 0;
+        while (off < chunk.length) off += fs.writeSync(fd, chunk, off, chunk.length - off);
+      } catch (e) {
+        this.fail(e);
+      }
+      return;
+    }
+    if (this.sync) return; // an in-thread file that failed
     let off = 0;
     while (off < chunk.length) {
       if (this.data === null) this.data = newData();
@@ -904,14 +1045,50 @@ class Extractor {
   }
 
   end(file: number, executable: boolean): void {
+    const fd = this.fds.get(file);
+    if (fd !== undefined) {
+      this.fds.delete(file);
+      try {
+        try {
+          needChmod ??= (process.umask() & 0o555) !== 0;
+          if (needChmod) fs.fchmodSync(fd, executable ? 0o555 : 0o444);
+          fs.futimesSync(fd, 1, 1);
+        } finally {
+          fs.closeSync(fd);
+        }
+      } catch (e) {
+        this.fail(e);
+      }
+      return;
+    }
+    if (this.sync) return;
     this.push3(OP_END, file, executable ? 0o555 : 0o444);
   }
 
-  /** Everything written: fix up the directories (children first) and wait for the worker. */
+  /** Everything written: fix up the directories (children first) and wait for the worker, if it was used. */
   async finish(): Promise<void> {
+    if (this.sync) return this.finishInThread();
     for (let i = this.dirs.length - 1; i >= 0; i--) this.paths(OP_FIXDIR, this.dirs[i]!);
     const err = await this.close(false);
     if (err) throw err;
+  }
+
+  /** `finish` of a tree done entirely in-thread. */
+  finishInThread(): void {
+    if (this.error === undefined) {
+      for (let i = this.dirs.length - 1; i >= 0; i--) {
+        const p = this.dirs[i]!;
+        try {
+          fs.chmodSync(p, 0o555);
+          fs.utimesSync(p, 1, 1);
+        } catch (e) {
+          this.fail(e);
+          break;
+        }
+      }
+    }
+    this.closeFds();
+    if (this.error !== undefined) throw this.error;
   }
 
   /** Post what is queued (or drop it) and wait until the worker has closed this job's files. */
@@ -928,11 +1105,26 @@ class Extractor {
     });
   }
 
-  /** Remove everything created (directories made writable first). */
+  /** Remove everything created (directories made writable first); nothing if even the top-level node was not made. */
   async removeAll(): Promise<void> {
+    this.closeFds();
+    if (this.sync) return this.removeAllInThread();
     await this.close(true);
+    if (!this.created) return;
     for (const d of this.dirs) await new Promise<void>((res) => fs.chmod(d, 0o700, () => res()));
     await fs.promises.rm(this.root, { recursive: true, force: true });
+  }
+
+  /** `removeAll` of a tree done entirely in-thread (a few nodes at most). */
+  removeAllInThread(): void {
+    this.closeFds();
+    if (!this.created) return;
+    for (const d of this.dirs) {
+      try {
+        fs.chmodSync(d, 0o700);
+      } catch {}
+    }
+    fs.rmSync(this.root, { recursive: true, force: true });
   }
 }
 
@@ -940,7 +1132,8 @@ class Extractor {
 class NarParser {
   private readonly start: number;
   private readonly hash = createHash('sha256');
-  private stage = Buffer.allocUnsafe(STAGE);
+  /** Allocated on first use, no bigger than the NAR can be; reused unless `onChunk` was handed its bytes. */
+  private stage: Buffer | null = null;
   private stageLen = 0;
   private readonly lim: Limits;
   private readonly onChunk: ((b: Buffer) => void) | undefined;
@@ -968,16 +1161,19 @@ class NarParser {
 
   private flushStage(): void {
     if (this.stageLen === 0) return;
-    const b = this.stage.subarray(0, this.stageLen);
-    this.hash.update(b);
-    this.onChunk?.(b);
-    this.stage = Buffer.allocUnsafe(STAGE);
+    const b = this.stage!.subarray(0, this.stageLen);
     this.stageLen = 0;
+    this.hash.update(b);
+    if (this.onChunk) {
+      this.onChunk(b);
+      this.stage = null; // the consumer may keep those bytes
+    }
   }
 
   private account(b: Buffer): void {
     if (b.length <= 4096) {
-      if (this.stageLen + b.length > STAGE) this.flushStage();
+      if (this.stage !== null && this.stageLen + b.length > this.stage.length) this.flushStage();
+      this.stage ??= Buffer.allocUnsafe(Math.max(4096, Math.min(STAGE, this.lim.maxSize)));
       b.copy(this.stage, this.stageLen);
       this.stageLen += b.length;
     } else {
@@ -1192,7 +1388,7 @@ class NarParser {
     if (this.pos + len + padLen(len) + 16 > this.lim.maxSize) {
       throw new NarError(`file of ${len} bytes does not fit in the NAR size limit of ${this.lim.maxSize} bytes`, at);
     }
-    const file = this.ex && path ? this.ex.open(path, executable) : 0;
+    const file = this.ex && path ? this.ex.open(path, executable, len) : 0;
     let left = len;
     while (left > 0) {
       let c: Buffer;
@@ -1323,25 +1519,32 @@ export async function parseNar(reader: WireReader, opts: NarReadOptions = {}): P
 /**
  * Read exactly one NAR from `reader` (stopping right after its closing token) and extract it at `dest`, which must
  * not exist. The tree is built in a fresh directory entry beside `dest` and renamed into place only when the NAR is
- * complete and valid, with canonical store metadata (files 0444 / 0555, directories 0555, mtime 1). On any failure
- * nothing is left behind.
+ * complete and valid (unless `direct`), with canonical store metadata (files 0444 / 0555, directories 0555, mtime 1).
+ * On any failure nothing is left behind.
  */
 export async function restoreNar(reader: WireReader, dest: string, opts: RestoreOptions = {}): Promise<NarSummary> {
-  if (
-    await pLstat(dest).then(
-      () => true,
-      () => false,
-    )
-  ) {
-    throw new Error(`cannot restore a NAR to ${dest}: it already exists`);
-  }
-  const tmp = `${dest}.tmp-${randomBytes(8).toString('hex')}`;
+  const direct = opts.direct === true;
+  if (!direct && lexists(dest)) throw new Error(`cannot restore a NAR to ${dest}: it already exists`);
+  const tmp = direct ? dest : `${dest}.tmp-${randomHex(8)}`;
   const ex = new Extractor(dest, tmp);
   const p = new NarParser(reader, opts, ex, opts.drainOnIoError ?? false);
   try {
     const res = await p.parse();
     if (opts.expectEnd) await p.expectEnd();
+    if (ex.inThread) {
+      // A small tree, made in-thread: finish it the same way, without a round trip through the thread pool.
+      ex.finishInThread();
+      if (direct) return res;
+      if (lexists(dest)) throw new Error(`cannot restore a NAR to ${dest}: it appeared while the NAR was being read`);
+      try {
+        fs.renameSync(tmp, dest);
+      } catch (e) {
+        throw ex.wrap(e);
+      }
+      return res;
+    }
     await ex.finish();
+    if (direct) return res;
     if (
       await pLstat(dest).then(
         () => true,
