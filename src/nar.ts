@@ -13,7 +13,7 @@
  * loop never waits long on the disk, and a tree of many small files costs no thread-pool round trip per system call.
  * Only the first few nodes of an extraction (at most 16, and 256 KiB of contents) are made in-thread, which is all a
  * small store path needs: a message round trip to the worker would cost more than those few system calls. The main
- * thread parses, validates and hashes. Memory is bounded (a few MiB of chunks ahead for a dump, at most 16 MiB
+ * thread parses, validates and hashes. Memory is bounded (a few MiB of chunks ahead for a dump, at most 4 MiB
  * queued for extraction), whatever the size of the NAR.
  */
 import { createHash, type Hash, randomFillSync } from 'node:crypto';
@@ -428,21 +428,23 @@ function dumpStart(m) {
     dumps.set(m.id, { error: errorOf(e) });
   }
 }
+// A request may bring a buffer to fill (one the consumer is done with); an unused one goes back with the reply.
 function dumpMore(m) {
   const d = dumps.get(m.id);
-  if (!d) return parentPort.postMessage({ id: m.id, len: 0, done: true });
+  const back = m.buf ? [m.buf] : [];
+  if (!d) return parentPort.postMessage({ id: m.id, len: 0, done: true, data: m.buf }, back);
   if (d.error) {
     dumps.delete(m.id);
-    return parentPort.postMessage({ id: m.id, len: 0, done: true, error: d.error });
+    return parentPort.postMessage({ id: m.id, len: 0, done: true, error: d.error, data: m.buf }, back);
   }
-  const out = Buffer.allocUnsafeSlow(d.cap);
+  const out = m.buf && m.buf.byteLength === d.cap ? Buffer.from(m.buf) : Buffer.allocUnsafeSlow(d.cap);
   let n;
   try {
     n = d.fill(out);
   } catch (e) {
     d.close();
     dumps.delete(m.id);
-    return parentPort.postMessage({ id: m.id, len: 0, done: true, error: errorOf(e) });
+    return parentPort.postMessage({ id: m.id, len: 0, done: true, error: errorOf(e), data: m.buf }, back);
   }
   const done = d.done;
   if (done) dumps.delete(m.id);
@@ -551,10 +553,25 @@ export interface DumpOptions {
   onChunk?: (b: Buffer) => void;
   /** Size of the chunks (default 1 MiB): file contents are read straight into them, tokens are batched into them. */
   chunkSize?: number;
+  /**
+   * Lend the chunks instead of giving them: each one is valid only until the consumer asks for the next one (or
+   * stops), then its memory is filled again with later NAR bytes. For consumers that pass each chunk on and wait
+   * until it is gone (`WireWriter.writeBorrowed`): a NAR then streams through a few reused buffers instead of a fresh
+   * megabyte per chunk, which the garbage collector would free only much later.
+   */
+  recycle?: boolean;
 }
 
 /** How many chunks the worker may prepare ahead of the consumer. */
 const DUMP_AHEAD = 4;
+const DEFAULT_CHUNK = 1024 * 1024;
+/** Chunk buffers (of the default size) that lent chunks were in, for the next requests of any dump. */
+const spareChunks: ArrayBuffer[] = [];
+const SPARE_CHUNKS = 8;
+
+function spareChunk(ab: ArrayBuffer | undefined): void {
+  if (ab && ab.byteLength === DEFAULT_CHUNK && spareChunks.length < SPARE_CHUNKS) spareChunks.push(ab);
+}
 
 /** One dump in the worker: chunks are requested ahead and handed out in order. */
 class DumpJob {
@@ -565,10 +582,13 @@ class DumpJob {
   private done = false;
   private error: Error | null = null;
   private closed = false;
+  /** With `recycle`: the buffer of the chunk the consumer has now, taken back when it asks for the next one. */
+  private lent: ArrayBuffer | null = null;
 
   constructor(
     root: Buffer,
     private readonly cap: number,
+    private readonly recycle: boolean,
   ) {
     this.id = this.worker.open((m) => this.reply(m));
     this.worker.post({ k: 'ds', id: this.id, path: root.toString('latin1'), cap }, [], false);
@@ -576,7 +596,10 @@ class DumpJob {
   }
 
   private request(): void {
-    if (!this.done && this.error === null) this.worker.post({ k: 'dm', id: this.id });
+    if (this.done || this.error !== null) return;
+    const buf = this.cap === DEFAULT_CHUNK ? spareChunks.pop() : undefined;
+    if (buf) this.worker.post({ k: 'dm', id: this.id, buf }, [buf]);
+    else this.worker.post({ k: 'dm', id: this.id });
   }
 
   private reply(m: WorkerReply): void {
@@ -587,10 +610,10 @@ class DumpJob {
       this.finish();
     } else {
       if (m.data && m.len) {
-        // A short last chunk is copied so that it does not pin a whole chunk-sized buffer.
+        // A short last chunk is copied so that it does not pin a whole chunk-sized buffer (unless it is lent).
         const b = Buffer.from(m.data, 0, m.len);
-        this.ready.push(m.len < this.cap / 4 ? Buffer.from(b) : b);
-      }
+        this.ready.push(m.len < this.cap / 4 && !this.recycle ? Buffer.from(b) : b);
+      } else spareChunk(m.data);
       if (m.done) this.finish();
     }
     const w = this.waiter;
@@ -606,10 +629,18 @@ class DumpJob {
     }
   }
 
+  /** The consumer is done with the chunk it had (when lent). */
+  private takeBack(): void {
+    spareChunk(this.lent ?? undefined);
+    this.lent = null;
+  }
+
   async next(): Promise<Buffer | null> {
+    this.takeBack();
     for (;;) {
       const b = this.ready.shift();
       if (b !== undefined) {
+        if (this.recycle) this.lent = b.buffer as ArrayBuffer;
         this.request();
         return b;
       }
@@ -623,6 +654,7 @@ class DumpJob {
 
   /** The consumer stopped early: the worker closes the open file and forgets the walk. */
   cancel(): void {
+    this.takeBack();
     if (this.closed) return;
     this.worker.post({ k: 'dc', id: this.id }, [], false);
     this.done = true;
@@ -635,8 +667,8 @@ class DumpJob {
  * Serialise the file system object at `fsPath` (not following a top-level symlink) as a NAR, in chunks of at most
  * `chunkSize` bytes — exactly the bytes `nix-store --dump` produces. Directory entries are sorted bytewise; file
  * contents are read straight into the chunks and never held whole; sockets, devices and FIFOs are refused with an
- * error naming the path. The chunks are fresh buffers the consumer may keep. Stopping early (`break`, `return()`)
- * closes everything.
+ * error naming the path. The chunks are fresh buffers the consumer may keep (unless `recycle`). Stopping early
+ * (`break`, `return()`) closes everything.
  */
 export async function* dumpPath(fsPath: string | Buffer, opts: DumpOptions = {}): AsyncGenerator<Buffer> {
   const root = typeof fsPath === 'string' ? Buffer.from(fsPath) : fsPath;
@@ -644,7 +676,7 @@ export async function* dumpPath(fsPath: string | Buffer, opts: DumpOptions = {})
   if (!Number.isSafeInteger(chunkSize) || chunkSize < 1 || chunkSize > 1 << 30) {
     throw new RangeError(`dumpPath: chunkSize must be an integer from 1 to 2^30, not ${chunkSize}`);
   }
-  const job = new DumpJob(root, chunkSize);
+  const job = new DumpJob(root, chunkSize, opts.recycle === true);
   const onChunk = opts.onChunk;
   try {
     for (;;) {
@@ -742,16 +774,20 @@ function isEof(e: unknown): boolean {
 // Extraction (in-thread for small trees, else through the I/O worker)
 // ---------------------------------------------------------------------------------------------------------------
 
-/** Data bytes per batch, and how much may be posted but not yet written. */
+/** Data bytes per batch. */
 const BATCH_DATA = 1024 * 1024;
 /** Operations travel as an Int32Array of (opcode, operands…); a batch is posted when it holds this many numbers. */
 const BATCH_OPS = 16 * 1024;
-const MAX_INFLIGHT = 16 * 1024 * 1024;
+/**
+ * How much may be posted but not yet written. A few batches keep the worker busy (writing to the page cache is far
+ * faster than the network); more would only raise the box's memory (bench P5: 16 MiB cost ~10 MiB of peak RSS).
+ */
+const MAX_INFLIGHT = 4 * 1024 * 1024;
 
 /** Batch buffers handed back by the worker, for the next batches of any extraction. */
 const spareData: ArrayBuffer[] = [];
 const spareOps: ArrayBuffer[] = [];
-const SPARES = 8;
+const SPARES = 4;
 const OPS_BYTES = (BATCH_OPS + 8) * 4;
 
 function newData(): Buffer {

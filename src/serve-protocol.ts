@@ -160,10 +160,8 @@ async function serveLoop(
         if (!s.store.isValidPath(s.user, p)) throw new ProtocolError(`path '${p}' is not valid`);
         s.store.addTempRoot(s.id, p);
         await w.flush();
-        for await (const chunk of s.store.narFromPath(s.user, p)) {
-          w.raw(chunk);
-          await w.maybeFlush();
-        }
+        // Lent chunks: each is written without a copy and handed back once the channel has sent it.
+        for await (const chunk of s.store.narFromPath(s.user, p, { recycle: true })) await w.writeBorrowed(chunk);
         break;
       }
       case ServeCommand.ImportPaths: {
@@ -179,10 +177,7 @@ async function serveLoop(
           const info = s.store.queryPathInfo(s.user, p);
           if (!info) throw new ProtocolError(`path '${p}' is not valid`);
           w.u64(1);
-          for await (const chunk of s.store.narFromPath(s.user, p)) {
-            w.raw(chunk);
-            await w.maybeFlush();
-          }
+          for await (const chunk of s.store.narFromPath(s.user, p, { recycle: true })) await w.writeBorrowed(chunk);
           w.u64(EXPORT_MAGIC)
             .string(p)
             .strings(info.references)

@@ -3,7 +3,7 @@
  * registry name), exec requests only. No passwords, no shells, no forwarding. Each exec request is handed to the
  * shared command dispatcher with the channel as its byte streams.
  */
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import type { Logger } from 'pino';
 import ssh2, { type Connection } from 'ssh2';
 import { fingerprintOfBlob, type HostKey } from './host-key.js';
@@ -62,8 +62,35 @@ export async function startSshServer(opts: SshServerOptions): Promise<SshServerH
   };
 }
 
+/**
+ * The connection's TCP socket: no Nagle delay (the protocols are request/response: a small reply must not wait for
+ * the ACK of an earlier packet, such as a window adjustment, which the client may delay by 40 ms), and the SSH packets
+ * written in one tick go out in one system call. ssh2 writes every packet (at most 32 KiB of payload) on its own: a
+ * 1 MiB NAR chunk would otherwise be 32 writes.
+ */
+function tuneSocket(client: Connection): void {
+  const sock = (client as unknown as { _sock?: Socket })._sock;
+  if (!sock || typeof sock.cork !== 'function') return;
+  sock.setNoDelay(true);
+  const write = sock.write;
+  let corked = false;
+  const uncork = () => {
+    corked = false;
+    sock.uncork();
+  };
+  sock.write = function (this: Socket, ...args: unknown[]) {
+    if (!corked) {
+      corked = true;
+      sock.cork();
+      process.nextTick(uncork);
+    }
+    return (write as (...a: unknown[]) => boolean).apply(this, args);
+  } as Socket['write'];
+}
+
 function handleConnection(client: Connection, ip: string, opts: SshServerOptions, clients: Set<Connection>): void {
   clients.add(client);
+  tuneSocket(client);
   const conn = new AbortController();
   let user = '';
   let keyFingerprint = '';

@@ -900,9 +900,9 @@ export class Store {
 
   /**
    * The NAR of `path` as in `user`'s view, streamed from disk. Throws at once if the path is not valid for them. The
-   * path is held (temporary root) while the stream is open.
+   * path is held (temporary root) while the stream is open. With `recycle`, chunks are lent (see `dumpPath`).
    */
-  narFromPath(user: string, path: string): AsyncGenerator<Buffer> {
+  narFromPath(user: string, path: string, opts: { recycle?: boolean } = {}): AsyncGenerator<Buffer> {
     const row = this.viewRow(user, path);
     if (!row) throw new StoreError(`path '${path}' is not valid`);
     const holder = `nar:${++this.holderSeq}`;
@@ -911,7 +911,7 @@ export class Store {
     const self = this;
     return (async function* () {
       try {
-        yield* dumpPath(dir);
+        yield* dumpPath(dir, { recycle: opts.recycle === true });
       } finally {
         self.releaseTempRoots(holder);
       }

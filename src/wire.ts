@@ -372,6 +372,40 @@ export class WireWriter {
     if (!this.sink.write(data)) await waitDrain(this.sink);
     if (this.closedError) throw this.closedError;
   }
+
+  /**
+   * Write `chunk` (raw, after whatever is batched) without copying it, and resolve only when the sink is done with it
+   * (its write callback), so that the caller may then reuse its memory, e.g. a lent NAR chunk (`dumpPath` with
+   * `recycle`). The sink's own pace is the backpressure.
+   */
+  async writeBorrowed(chunk: Buffer): Promise<void> {
+    if (this.size > 0 && this.size + chunk.length <= this.batch) {
+      this.push(chunk); // small: copied into the batch, and the chunk is free at once
+      await this.flush();
+      return;
+    }
+    await this.flush();
+    if (chunk.length === 0) return;
+    this.written += chunk.length;
+    const sink = this.sink;
+    await new Promise<void>((resolve, reject) => {
+      let settled = false;
+      // A sink that closes may never call back for a write it still held (ssh2 waiting for window): settle on close.
+      const done = (err?: Error | null) => {
+        if (settled) return;
+        settled = true;
+        sink.off('close', onClose);
+        sink.off('error', done);
+        if (err) reject(this.closedError ?? err);
+        else resolve();
+      };
+      const onClose = () => done(new WireError('connection closed'));
+      sink.once('close', onClose);
+      sink.once('error', done);
+      sink.write(chunk, done);
+    });
+    if (this.closedError) throw this.closedError;
+  }
 }
 
 export function waitDrain(sink: Writable): Promise<void> {

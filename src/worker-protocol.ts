@@ -707,13 +707,11 @@ class WorkerConnection {
         const p = await this.readPath();
         return this.work(() => {
           if (!store.isValidPath(user, p)) throw new WorkerError(`path '${p}' is not valid`);
-          const nar = store.narFromPath(user, p);
+          const nar = store.narFromPath(user, p, { recycle: true });
           return async (w) => {
             await w.flush();
-            for await (const chunk of nar) {
-              w.raw(chunk);
-              await w.maybeFlush();
-            }
+            // Lent chunks: each is written without a copy and handed back once the channel has sent it.
+            for await (const chunk of nar) await w.writeBorrowed(chunk);
           };
         });
       }
