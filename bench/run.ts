@@ -18,7 +18,7 @@ import { parseArgs } from 'node:util';
 import { type BuildboxBox, startBuildbox } from './buildbox-box.js';
 import { bigClosure, importPaths, smallChains } from './gen.js';
 import { machineInfo } from './machine.js';
-import { benchTempDir, cleanupAll, installSignalHandlers, isAborted, sleep } from './proc.js';
+import { benchTempDir, cleanupAll, installSignalHandlers, isAborted, run, sleep } from './proc.js';
 import { cpuSecondsOf, descendantsOf } from './procfs.js';
 import { analyzeProfile, formatProfile, type ProfileSummary } from './profile.js';
 import { type ReferenceBox, startReferenceBox } from './reference-box.js';
@@ -349,18 +349,28 @@ async function main(): Promise<number> {
     helloDir: prepareHello(dir, SHARED),
     timeoutMs: o.timeoutS * 1000,
   };
-  if (o.workloads.includes('P1')) {
+  // Fresh paths for every protocol and repetition: buildbox keeps what earlier repetitions uploaded (for other users;
+  // contents are stored once), the reference is emptied by a GC, so reusing them would measure buildbox copying
+  // contents it already has. Both targets get the same paths in one repetition. The new paths are written back to
+  // disk (sync) before anything is timed, so that their writeback does not run during a measurement.
+  const makeBig = async (tag: string) => {
     const t0 = Date.now();
-    ctx.big = bigClosure(o.p1Mib * 1024 * 1024, o.p1Paths, 'p1');
+    ctx.big = bigClosure(o.p1Mib * 1024 * 1024, o.p1Paths, tag);
     await importPaths(`local?root=${srcStore}`, ctx.big.all, env);
-    log(`P1 data: ${o.p1Paths} paths, ${(ctx.big.narBytes / 1e6).toFixed(0)} MB of NAR, made in ${Date.now() - t0} ms`);
-  }
-  if (o.workloads.includes('P2')) {
+    await run('sync', []);
+    log(
+      `P1 data ${tag}: ${o.p1Paths} paths, ${(ctx.big.narBytes / 1e6).toFixed(0)} MB of NAR, made in ${Date.now() - t0} ms`,
+    );
+  };
+  const makeSmall = async (tag: string) => {
     const t0 = Date.now();
-    ctx.small = smallChains(o.p2Paths, o.p2Chain, o.p2Size, 'p2');
+    ctx.small = smallChains(o.p2Paths, o.p2Chain, o.p2Size, tag);
     await importPaths(`local?root=${srcStore}`, ctx.small.all, env);
-    log(`P2 data: ${o.p2Paths} paths of ${o.p2Size} B in chains of ${o.p2Chain}, made in ${Date.now() - t0} ms`);
-  }
+    await run('sync', []);
+    log(`P2 data ${tag}: ${o.p2Paths} paths of ${o.p2Size} B in chains of ${o.p2Chain}, made in ${Date.now() - t0} ms`);
+  };
+  if (o.workloads.includes('P1')) await makeBig(`p1-${o.protocols[0]}-1`);
+  if (o.workloads.includes('P2')) await makeSmall(`p2-${o.protocols[0]}-1`);
 
   // The boxes.
   const targets: Target[] = [];
@@ -419,6 +429,12 @@ async function main(): Promise<number> {
         name: 'reference',
         freshHost: async () => {
           await r.gc(env);
+          // On ext4 without a journal, creating a file scans past every inode deleted in the last 5 s (300 s more
+          // while its inode table block is dirty) in its block group. Right after a GC of thousands of paths that
+          // would slow the next copy's file creation, the reference's own or buildbox's (same temp dir, same block
+          // groups): write the deletions back and let them age first.
+          await run('sync', []);
+          await sleep(6000);
           return 'ref';
         },
         host: (key) => `ref-${key}`,
@@ -451,6 +467,7 @@ async function main(): Promise<number> {
     for (const proto of o.protocols) {
       if (o.workloads.includes('P1') && !stop()) {
         for (let rep = 0; rep < o.reps && !stop(); rep++) {
+          if (proto !== o.protocols[0] || rep > 0) await makeBig(`p1-${proto}-${rep + 1}`);
           for (const t of order(rep)) {
             const s = await p1(ctx, t, proto, rep);
             results.get(`P1-up-${proto}`)!.samples[t.name].push(s.up);
@@ -472,6 +489,7 @@ async function main(): Promise<number> {
     for (const proto of o.protocols) {
       if (o.workloads.includes('P2') && !stop()) {
         for (let rep = 0; rep < o.reps && !stop(); rep++) {
+          if (proto !== o.protocols[0] || rep > 0) await makeSmall(`p2-${proto}-${rep + 1}`);
           for (const t of order(rep)) {
             const s = await p2(ctx, t, proto, rep);
             results.get(`P2-${proto}`)!.samples[t.name].push(s.time);

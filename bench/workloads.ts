@@ -28,6 +28,14 @@ export interface Target {
   settle(): Promise<void>;
 }
 
+/**
+ * Write back what earlier steps left dirty (half a gigabyte per P1 copy, the reference's GC) before a timed copy, so
+ * that the kernel's writeback of one target's data does not throttle the other target's measurement.
+ */
+async function settleDisk(): Promise<void> {
+  await run('sync', []);
+}
+
 /** Run `fn` and count the box's CPU seconds meanwhile. */
 async function withCpu<T>(t: Target, fn: () => Promise<T>): Promise<{ r: T; cpu: number }> {
   const before = t.cpuSeconds();
@@ -101,6 +109,7 @@ export async function p1(ctx: Ctx, t: Target, proto: Proto, rep: number): Promis
   // Memory: the box's resident size just before, and its peak during the upload and during the download.
   const before = t.singleProcess ? Math.max(0, ...t.memPids().map((p) => memOf(p)?.rssKiB ?? 0)) / 1024 : null;
   const phase = async <T>(fn: () => Promise<T>): Promise<{ r: T; peakMiB: number; cpu: number }> => {
+    await settleDisk();
     if (t.singleProcess) for (const pid of t.memPids()) resetPeak(pid);
     const sampler = new RssSampler(() => t.memPids(), t.singleProcess ? 20 : 100);
     sampler.start();
@@ -152,6 +161,7 @@ export async function p2(ctx: Ctx, t: Target, proto: Proto, rep: number): Promis
   const small = ctx.small!;
   try {
     const host = await t.freshHost();
+    await settleDisk();
     const { r, cpu } = await withCpu(t, () =>
       run(
         'nix',
