@@ -428,13 +428,7 @@ async function main(): Promise<number> {
       targets.push({
         name: 'reference',
         freshHost: async () => {
-          await r.gc(env);
-          // On ext4 without a journal, creating a file scans past every inode deleted in the last 5 s (300 s more
-          // while its inode table block is dirty) in its block group. Right after a GC of thousands of paths that
-          // would slow the next copy's file creation, the reference's own or buildbox's (same temp dir, same block
-          // groups): write the deletions back and let them age first.
-          await run('sync', []);
-          await sleep(6000);
+          await r.empty(env);
           return 'ref';
         },
         host: (key) => `ref-${key}`,
