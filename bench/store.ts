@@ -1,20 +1,26 @@
 /**
  * Small-path import micro-benchmark: `Store.addToStoreNar` of many small NARs (one regular file each, in reference
  * chains), straight from memory, with no SSH and no client: the box's own cost per small path (bench P2 without the
- * transport). Reports wall time and process CPU (all threads) per path, for one-path-at-a-time uploads (`ssh://`,
- * like serve-protocol AddToStoreNar) and for batched uploads (`ssh-ng://` AddMultipleToStore).
+ * transport). Reports wall time and process CPU (all threads) per path, for one-path-at-a-time imports (`single`),
+ * batched ones (`batch`, like `ssh-ng://` AddMultipleToStore) and whole serve-protocol sessions over in-memory
+ * streams, one AddToStoreNar command and reply at a time (`serve`, like `ssh://`).
  *
- * Run: `node --expose-gc dist/bench/store.js [--paths N] [--size BYTES] [--chain N] [--repeat N]`.
+ * Run: `node --expose-gc dist/bench/store.js [--paths N] [--size BYTES] [--chain N] [--repeat N] [--dir DIR]
+ * [--modes single,batch,serve]`.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { PassThrough } from 'node:stream';
 import { parseArgs } from 'node:util';
 import { Hash } from '../src/hash.js';
+import { silentLogger } from '../src/logger.js';
 import * as nix32 from '../src/nix32.js';
+import { runServe } from '../src/serve-protocol.js';
+import type { Session } from '../src/session.js';
 import { type NewPathInfo, Store } from '../src/store.js';
-import { WireReader } from '../src/wire.js';
+import { WireReader, WireWriter } from '../src/wire.js';
 
 function token(b: Buffer | string): Buffer {
   const d = typeof b === 'string' ? Buffer.from(b, 'latin1') : b;
@@ -81,11 +87,43 @@ interface Run {
   cpuUsPerPath: number;
 }
 
-async function runOnce(items: Item[], mode: 'single' | 'batch', user: string, store: Store): Promise<Run> {
+/** A serve-protocol session over in-memory streams, driven like Nix's legacy client: one command, then its reply. */
+async function serveUploads(items: Item[], user: string, store: Store): Promise<void> {
+  const input = new PassThrough();
+  const output = new PassThrough();
+  const session: Session = {
+    id: `bench-${user}`,
+    user,
+    store,
+    builder: {} as never,
+    logger: silentLogger(),
+    signal: new AbortController().signal,
+  };
+  const done = runServe(session, { input, output, stderr: new PassThrough() }, { write: true });
+  const w = new WireWriter(input);
+  const r = new WireReader(output);
+  w.u64(0x390c9deb).u64(0x207);
+  await w.flush();
+  await r.readU64();
+  await r.readU64();
+  for (const it of items) {
+    const i = it.info;
+    w.u64(9).string(i.path).string('').string(i.narHash.toBase16()).strings(i.references).u64(0);
+    w.u64(i.narSize).u64(0).strings([]).string('').raw(it.nar);
+    await w.flush();
+    if ((await r.readU64()) !== 1) throw new Error('upload refused');
+  }
+  input.end();
+  await done;
+}
+
+async function runOnce(items: Item[], mode: 'single' | 'batch' | 'serve', user: string, store: Store): Promise<Run> {
   globalThis.gc?.();
   const c0 = process.cpuUsage();
   const t0 = performance.now();
-  if (mode === 'single') {
+  if (mode === 'serve') {
+    await serveUploads(items, user, store);
+  } else if (mode === 'single') {
     for (const it of items) await store.addToStoreNar(user, it.info, new WireReader(once(it.nar)), { holder: user });
   } else {
     const r = new WireReader(all(items));
@@ -116,19 +154,21 @@ async function main(): Promise<void> {
       chain: { type: 'string', default: '20' },
       repeat: { type: 'string', default: '5' },
       dir: { type: 'string' },
+      modes: { type: 'string', default: 'single,batch,serve' },
     },
   });
   const n = Number(values.paths);
   const size = Number(values.size);
   const chain = Number(values.chain);
   const repeat = Number(values.repeat);
+  const modes = values.modes.split(',') as Array<'single' | 'batch' | 'serve'>;
   const dir = mkdtempSync(join(values.dir ?? tmpdir(), 'buildbox-store-bench-'));
   const store = Store.open({ stateDir: dir, persist: false, trustedPublicKeys: [] });
   try {
     let u = 0;
     const results: Run[] = [];
     for (let rep = 0; rep < repeat; rep++) {
-      for (const mode of ['single', 'batch'] as const) {
+      for (const mode of modes) {
         const items = makeItems(n, size, chain);
         const r = await runOnce(items, mode, `bench${++u}`, store);
         results.push(r);
@@ -138,7 +178,7 @@ async function main(): Promise<void> {
         );
       }
     }
-    for (const mode of ['single', 'batch']) {
+    for (const mode of modes) {
       const rs = results.filter((r) => r.mode === mode).sort((a, b) => a.cpuUsPerPath - b.cpuUsPerPath);
       const med = rs[Math.floor(rs.length / 2)]!;
       process.stdout.write(

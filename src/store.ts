@@ -306,12 +306,15 @@ export class Store {
   private readonly sViewRow: Database.Statement<[string, string], Row>;
   private readonly sInView: Database.Statement<[string, string], number>;
   private readonly sRow: Database.Statement<[string, string], Row>;
+  /** The public row and the user's row of a path (at most one each). */
+  private readonly sRowsOfPath: Database.Statement<[string, string], Row>;
   private readonly sRefs: Database.Statement<[number], { reference: string }>;
   private readonly sHashPart: Database.Statement<[string, string], { path: string }>;
   private readonly sByDeriver: Database.Statement<[string, string], { path: string }>;
   private readonly sReferrers: Database.Statement<[string, string], { id: number; path: string }>;
   private readonly sObject: Database.Statement<[string], { hash: string; nar_size: number }>;
   private readonly sInsertObject: Database.Statement<[string, number, number]>;
+  private readonly sInsertNewObject: Database.Statement<[string, number, number]>;
   private readonly sInsertRow: Database.Statement<
     [string, string, string, string, number, string | null, number, number, string, string | null, number]
   >;
@@ -382,6 +385,7 @@ export class Store {
       )
       .pluck();
     this.sRow = db.prepare(`SELECT ${cols} FROM paths WHERE path = ? AND scope = ?`);
+    this.sRowsOfPath = db.prepare(`SELECT ${cols} FROM paths WHERE path = ? AND (scope = 'public' OR scope = ?)`);
     this.sRefs = db.prepare('SELECT reference FROM refs WHERE referrer = ? ORDER BY reference');
     this.sHashPart = db.prepare(
       `SELECT path FROM paths WHERE hash_part = ? AND (scope = 'public' OR scope = ?) ORDER BY path LIMIT 1`,
@@ -395,6 +399,7 @@ export class Store {
     );
     this.sObject = db.prepare('SELECT hash, nar_size FROM objects WHERE hash = ?');
     this.sInsertObject = db.prepare('INSERT INTO objects (hash, nar_size, created) VALUES (?, ?, ?)');
+    this.sInsertNewObject = db.prepare('INSERT OR IGNORE INTO objects (hash, nar_size, created) VALUES (?, ?, ?)');
     this.sInsertRow = db.prepare(
       `INSERT INTO paths (path, scope, hash_part, nar_hash, nar_size, deriver, registration_time, ultimate, sigs, ca,
        last_used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
@@ -818,8 +823,12 @@ export class Store {
           const notPublic = info.references.some((r) => r !== info.path && !this.sRow.get(r, PUBLIC));
           if (notPublic) scope = uk;
         }
-        const existingPublic = this.sRow.get(info.path, PUBLIC);
-        const existingPrivate = this.sRow.get(info.path, uk);
+        let existingPublic: Row | undefined;
+        let existingPrivate: Row | undefined;
+        for (const r of this.sRowsOfPath.all(info.path, uk)) {
+          if (r.scope === PUBLIC) existingPublic = r;
+          else existingPrivate = r;
+        }
         if (scope === PUBLIC && existingPublic) {
           if (existingPublic.nar_hash === hash) this.mergeSigs(existingPublic, sigs);
           return this.sViewRow.get(info.path, uk)!;
@@ -828,10 +837,10 @@ export class Store {
           // Already valid in the view: keep what is there (like Nix).
           return this.sViewRow.get(info.path, uk)!;
         }
-        if (!this.sObject.get(hash)) {
+        if (this.sInsertNewObject.run(hash, info.narSize, nowSeconds()).changes === 1) {
+          // A new object: its tree moves in (if that fails, the transaction and so the insert are undone).
           moveIntoObjects(src, objectPath, renameTree);
           moved = true;
-          this.sInsertObject.run(hash, info.narSize, nowSeconds());
         }
         const now = nowSeconds();
         const regTime = info.registrationTime && info.registrationTime > 0 ? info.registrationTime : now;
@@ -1180,9 +1189,17 @@ export class Store {
 
 /**
  * Rename a file system object to another directory. A read-only directory (canonical 0555) cannot be moved to a new
- * parent by a non-root owner (its `..` entry must be rewritten), so it is made writable for the move and restored.
+ * parent by a non-root owner (its `..` entry must be rewritten), so when the plain rename is refused, it is made
+ * writable for the move and restored.
  */
 function renameTree(from: string, to: string): void {
+  try {
+    renameSync(from, to);
+    return;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code !== 'EACCES' && code !== 'EPERM') throw e;
+  }
   const st = lstatSync(from);
   if (!st.isDirectory() || (st.mode & 0o200) !== 0) {
     renameSync(from, to);
