@@ -16,8 +16,20 @@ import { join } from 'node:path';
 import { BOX_INFO_COMMAND, type BoxInfo, type MachineEntry, parseBoxInfo, parseMachines } from './client-config.js';
 import { sha256 } from './hash.js';
 import { fingerprintOfBlob } from './host-key.js';
+import { SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_PROTOCOL_VERSION } from './serve-protocol.js';
 import { makeTextPath, renderContentAddress } from './store-path.js';
 import { encodeString, WireReader, WireWriter } from './wire.js';
+import {
+  STDERR_ERROR,
+  STDERR_LAST,
+  STDERR_NEXT,
+  STDERR_RESULT,
+  STDERR_START_ACTIVITY,
+  STDERR_STOP_ACTIVITY,
+  WORKER_MAGIC_1,
+  WORKER_MAGIC_2,
+  WORKER_PROTOCOL_VERSION,
+} from './worker-protocol.js';
 
 export const EXIT_OK = 0;
 export const EXIT_FAILED = 1;
@@ -309,25 +321,12 @@ class SshContext {
   }
 }
 
-const SERVE_MAGIC_1 = 0x390c9deb;
-const SERVE_MAGIC_2 = 0x5452eecb;
-const SERVE_VERSION = 0x207;
-const WORKER_MAGIC_1 = 0x6e697863;
-const WORKER_MAGIC_2 = 0x6478696f;
-const WORKER_VERSION = 0x126;
-const STDERR_NEXT = 0x6f6c6d67;
-const STDERR_LAST = 0x616c7473;
-const STDERR_ERROR = 0x63787470;
-const STDERR_START_ACTIVITY = 0x53545254;
-const STDERR_STOP_ACTIVITY = 0x53544f50;
-const STDERR_RESULT = 0x52534c54;
-
 function versionString(v: number): string {
   return `${v >> 8}.${v & 0xff}`;
 }
 
 async function serveHandshake(ch: SshChannel): Promise<number> {
-  ch.w.u64(SERVE_MAGIC_1).u64(SERVE_VERSION);
+  ch.w.u64(SERVE_MAGIC_1).u64(SERVE_PROTOCOL_VERSION);
   await ch.w.flush();
   const magic = await ch.r.readU64('serve magic');
   if (magic !== SERVE_MAGIC_2) {
@@ -417,8 +416,8 @@ async function workerHandshake(ch: SshChannel): Promise<WorkerHello> {
   if (serverVersion >> 8 !== 1 || (serverVersion & 0xff) < 10) {
     throw new Error(`unsupported 'nix-daemon' protocol version ${versionString(serverVersion)}`);
   }
-  ch.w.u64(WORKER_VERSION);
-  const v = Math.min(serverVersion, WORKER_VERSION);
+  ch.w.u64(WORKER_PROTOCOL_VERSION);
+  const v = Math.min(serverVersion, WORKER_PROTOCOL_VERSION);
   const minor = v & 0xff;
   let features: string[] = [];
   if (minor >= 38) {
