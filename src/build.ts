@@ -773,13 +773,14 @@ export class Builder {
         await chown(fp, slot.uid, slot.gid);
       }
 
-      const inputs: SandboxInput[] = b.closure.map((p) => {
-        const hostPath = store.realPath(user, p);
+      const inputs: SandboxInput[] = [];
+      for (const p of b.closure) {
+        const hostPath = await store.realPath(user, p);
         if (hostPath === undefined) {
           throw new BuildFailure(BuildStatus.MiscFailure, `dependency '${p}' of '${drvPath}' vanished from the store`);
         }
-        return { path: p, hostPath };
-      });
+        inputs.push({ path: p, hostPath });
+      }
 
       const run = await this.runBuilder(b, dirs, inputs, prepared);
       // Every process of the slot uid is dead now.

@@ -87,6 +87,7 @@ function tokenBytes(s: string): Buffer {
 }
 
 // The main thread only reads NARs; the writer's tokens live in the worker.
+const MAGIC = tokenBytes('nix-archive-1');
 const T_OPEN = tokenBytes('(');
 const T_CLOSE = tokenBytes(')');
 const T_TYPE = tokenBytes('type');
@@ -1595,4 +1596,28 @@ export async function restoreNar(reader: WireReader, dest: string, opts: Restore
     await ex.removeAll().catch(() => {});
     throw e;
   }
+}
+
+/**
+ * The contents of a NAR (already validated, e.g. a store's small object kept in memory or a database) whose
+ * top-level node is a regular file; undefined for a directory or symlink NAR. The contents are a view into `nar`.
+ */
+export function narRegularFile(nar: Buffer): { executable: boolean; contents: Buffer } | undefined {
+  const head = MAGIC.length + S_OPEN_TYPE.length;
+  if (nar.length < head || !nar.subarray(0, MAGIC.length).equals(MAGIC)) throw new NarError('not a NAR', 0);
+  const rest = nar.subarray(head);
+  let executable: boolean;
+  if (startsWith(rest, S_REGULAR)) executable = false;
+  else if (startsWith(rest, S_EXECUTABLE)) executable = true;
+  else return undefined;
+  const at = head + (executable ? S_EXECUTABLE : S_REGULAR).length;
+  if (nar.length < at + 8) throw new NarError('truncated NAR', nar.length);
+  const len = Number(nar.readBigUInt64LE(at));
+  const end = at + 8 + len;
+  if (end + padLen(len) + T_CLOSE.length !== nar.length) throw new NarError('malformed single-file NAR', at);
+  return { executable, contents: nar.subarray(at + 8, end) };
+}
+
+function startsWith(b: Buffer, prefix: Buffer): boolean {
+  return b.length >= prefix.length && b.subarray(0, prefix.length).equals(prefix);
 }

@@ -7,7 +7,6 @@
  * (and signed by the box) when all its inputs are public (trust model, case 3); another user then finds them valid
  * and nothing is rebuilt.
  */
-import { lstatSync, readFileSync } from 'node:fs';
 import { type BuildRequest, type BuildResult, BuildStatus } from './build.js';
 import {
   type BasicDerivation,
@@ -151,12 +150,14 @@ class DrvGraph {
   load = (drvPath: string): Derivation | undefined => {
     const cached = this.drvs.get(drvPath);
     if (cached) return cached;
-    const real = this.s.store.realPath(this.s.user, drvPath);
-    if (real === undefined) return undefined;
-    const st = lstatSync(real);
-    if (!st.isFile()) throw new RealiseError(`derivation '${drvPath}' is not a regular file in the store`);
-    if (st.size > MAX_DRV_SIZE) throw new RealiseError(`derivation '${drvPath}' is too large (${st.size} bytes)`);
-    const text = readFileSync(real).toString('latin1');
+    let data: Buffer | undefined;
+    try {
+      data = this.s.store.readRegularFile(this.s.user, drvPath, MAX_DRV_SIZE);
+    } catch (e) {
+      throw new RealiseError(`cannot read derivation: ${(e as Error).message}`);
+    }
+    if (data === undefined) return undefined;
+    const text = data.toString('latin1');
     let drv: Derivation;
     try {
       drv = parseDerivation(text, drvNameFromPath(drvPath, this.storeDir), { storeDir: this.storeDir });

@@ -18,20 +18,24 @@
  *
  * On disk, under `<stateDir>/store/`:
  * - `db.sqlite` (WAL with `persist`; without it, the rollback journal in memory and no fsync): tables
- *   `objects(hash, nar_size, created)`, `paths(id, path, scope, hash_part, nar_hash, nar_size, deriver,
- *   registration_time, ultimate, sigs, ca, last_used)`, `refs(referrer, reference)`; scope is `public` or `u:<user>`
- *   in the database.
+ *   `objects(hash, nar_size, created)`, `inline_nars(hash, nar)`, `paths(id, path, scope, hash_part, nar_hash,
+ *   nar_size, deriver, registration_time, ultimate, sigs, ca, last_used)`, `refs(referrer, reference)`; scope is
+ *   `public` or `u:<user>` in the database.
  * - `objects/<nix32 NAR sha256>`: the extracted top-level node of each object (file, directory or symlink), read-only
- *   with canonical metadata.
+ *   with canonical metadata. Small objects (NAR ≤ 64 KiB: `.drv` files, sources, scripts — most paths of a closure)
+ *   are kept as their NAR in the `inline_nars` table instead, and extracted here only when a build needs them on
+ *   disk (`realPath`): an upload of many small paths then costs no file creation per path, and their NARs are
+ *   served straight from the database.
  * - `tmp/`: imports in progress, build output directories (`buildTmpDir()`), trees being deleted. Emptied at open.
  * Unless `persist` is set, `store/` is wiped at open (zero persistence, like the community box at every boot).
  *
  * API (user = registry name; all queries are in that user's view):
  *   Store.open(opts) / close()
  *   queryPathInfo(user, path) / isValidPath / queryValidPaths / queryClosure(user, paths, includeOutputs)
- *   queryPathFromHashPart(user, hashPart) / realPath(user, path) / queryReferrers / queryDerivationOutputs / stats()
+ *   queryPathFromHashPart(user, hashPart) / realPath(user, path) (async: extracts an inline object first)
+ *   readRegularFile(user, path, maxBytes) / queryReferrers / queryDerivationOutputs / stats()
  *   addToStoreNar(user, info, nar, { batch, holder, signal }) — atomic, checked import of one NAR
- *   narFromPath(user, path) — streams the NAR from disk
+ *   narFromPath(user, path) — streams the NAR from disk (or the database)
  *   registerOutputs(user, [{ info, fsPath }], scope) — build outputs, moved in from `buildTmpDir()`
  *   addTempRoot(holder, path) / releaseTempRoots(holder) / dropUser(user) / gc({ retentionSeconds, maxBytes, knownUsers })
  *
@@ -56,8 +60,8 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import type { Logger } from 'pino';
 import { drvNameFromPath, parseDerivation } from './derivation.js';
-import { Hash, HashSink, hashStream } from './hash.js';
-import { dumpPath, parseNar, randomHex, restoreNar } from './nar.js';
+import { Hash, HashSink, hashBytes, hashStream } from './hash.js';
+import { dumpPath, narRegularFile, parseNar, randomHex, restoreNar } from './nar.js';
 import * as nix32 from './nix32.js';
 import { type KeyRing, makeKeyRing, type SecretKey, signPathInfo, validPathInfoSignatures } from './signing.js';
 import {
@@ -67,7 +71,7 @@ import {
   parseContentAddress,
   StorePath,
 } from './store-path.js';
-import type { WireReader } from './wire.js';
+import { WireReader } from './wire.js';
 
 /** `'public'` or a registry user name. */
 export type Scope = 'public' | string;
@@ -115,6 +119,8 @@ export interface StoreOptions {
   shareContentAddressed?: boolean;
   /** Users still in the registry; private rows of anyone else are dropped at the next GC. */
   knownUsers?: (user: string) => boolean;
+  /** Largest NAR kept in the database instead of extracted at import (default `INLINE_MAX_NAR`; 0: none). */
+  inlineMaxNar?: number;
   logger?: Logger;
 }
 
@@ -170,7 +176,11 @@ export class HashMismatchError extends StoreError {
   }
 }
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
+/** Version 1 lacks only the `inline_nars` table, which `SCHEMA` creates. */
+const UPGRADABLE_VERSIONS = [1];
+/** Objects whose NAR is at most this size are kept in the database (`inline_nars`), not extracted at import. */
+export const INLINE_MAX_NAR = 64 * 1024;
 /** Larger `.drv` objects are not parsed for their outputs. */
 const MAX_DRV_NAR = 16 * 1024 * 1024;
 const PUBLIC = 'public';
@@ -181,6 +191,10 @@ CREATE TABLE IF NOT EXISTS objects (
   nar_size INTEGER NOT NULL,
   created INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inline_nars (
+  hash TEXT PRIMARY KEY REFERENCES objects(hash) ON DELETE CASCADE,
+  nar BLOB NOT NULL                  -- the whole NAR (at most INLINE_MAX_NAR bytes)
+);
 CREATE TABLE IF NOT EXISTS paths (
   id INTEGER PRIMARY KEY,
   path TEXT NOT NULL,
@@ -231,6 +245,15 @@ function userKey(user: string): string {
     throw new StoreError(`invalid user name ${JSON.stringify(user)}`);
   }
   return `u:${user}`;
+}
+
+async function* oneChunk(b: Buffer): AsyncGenerator<Buffer> {
+  yield b;
+}
+
+/** Does anything (a symlink counts) exist at `p`? */
+function lexists(p: string): boolean {
+  return lstatSync(p, { throwIfNoEntry: false }) !== undefined;
 }
 
 function nowSeconds(): number {
@@ -292,6 +315,7 @@ export class Store {
   private readonly trusted: KeyRing;
   private readonly signingKey: SecretKey | undefined;
   private readonly shareCA: boolean;
+  private readonly inlineMaxNar: number;
   private readonly knownUsers: ((user: string) => boolean) | undefined;
   private readonly logger: Logger | undefined;
   private readonly tempRoots = new Map<string, Set<string>>();
@@ -315,6 +339,10 @@ export class Store {
   private readonly sObject: Database.Statement<[string], { hash: string; nar_size: number }>;
   private readonly sInsertObject: Database.Statement<[string, number, number]>;
   private readonly sInsertNewObject: Database.Statement<[string, number, number]>;
+  private readonly sInlineNar: Database.Statement<[string], Buffer>;
+  private readonly sInsertInline: Database.Statement<[string, Buffer]>;
+  /** Inline objects being extracted into objects/ (`realPath`), by hash. */
+  private readonly materialising = new Map<string, Promise<void>>();
   private readonly sInsertRow: Database.Statement<
     [string, string, string, string, number, string | null, number, number, string, string | null, number]
   >;
@@ -332,6 +360,7 @@ export class Store {
     this.trusted = makeKeyRing(opts.trustedPublicKeys);
     this.signingKey = opts.signingKey;
     this.shareCA = opts.shareContentAddressed ?? false;
+    this.inlineMaxNar = Math.min(opts.inlineMaxNar ?? INLINE_MAX_NAR, INLINE_MAX_NAR);
     this.knownUsers = opts.knownUsers;
     this.logger = opts.logger;
 
@@ -358,7 +387,7 @@ export class Store {
       db.pragma('foreign_keys = ON');
       db.pragma('busy_timeout = 5000');
       const version = db.pragma('user_version', { simple: true }) as number;
-      if (version !== 0 && version !== SCHEMA_VERSION) {
+      if (version !== 0 && version !== SCHEMA_VERSION && !UPGRADABLE_VERSIONS.includes(version)) {
         throw new StoreError(
           `store database ${dbFile} has schema version ${version}, this buildbox uses ${SCHEMA_VERSION}; ` +
             'remove the store directory or run without persist',
@@ -400,6 +429,8 @@ export class Store {
     this.sObject = db.prepare('SELECT hash, nar_size FROM objects WHERE hash = ?');
     this.sInsertObject = db.prepare('INSERT INTO objects (hash, nar_size, created) VALUES (?, ?, ?)');
     this.sInsertNewObject = db.prepare('INSERT OR IGNORE INTO objects (hash, nar_size, created) VALUES (?, ?, ?)');
+    this.sInlineNar = db.prepare<[string], Buffer>('SELECT nar FROM inline_nars WHERE hash = ?').pluck();
+    this.sInsertInline = db.prepare('INSERT INTO inline_nars (hash, nar) VALUES (?, ?)');
     this.sInsertRow = db.prepare(
       `INSERT INTO paths (path, scope, hash_part, nar_hash, nar_size, deriver, registration_time, ultimate, sigs, ca,
        last_used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
@@ -434,7 +465,8 @@ export class Store {
         removeTreeSync(join(this.objectsDir, name));
       }
     }
-    const missing = [...known].filter((h) => !existsSync(join(this.objectsDir, h)));
+    const inline = new Set(this.db.prepare('SELECT hash FROM inline_nars').pluck().all() as string[]);
+    const missing = [...known].filter((h) => !inline.has(h) && !existsSync(join(this.objectsDir, h)));
     if (missing.length === 0) return;
     this.logger?.warn({ objects: missing.length }, 'objects missing on disk; dropping their path infos');
     this.inTx(() => {
@@ -542,10 +574,67 @@ export class Store {
     return this.sHashPart.get(hashPart, userKey(user))?.path;
   }
 
-  /** On-disk location of the top-level node of `path`'s object in the view (read-only; for builds' bind mounts). */
-  realPath(user: string, path: string): string | undefined {
+  /**
+   * On-disk location of the top-level node of `path`'s object in the view (read-only; for builds' bind mounts). An
+   * inline object is extracted into objects/ first (once; concurrent callers wait for the same extraction).
+   */
+  async realPath(user: string, path: string): Promise<string | undefined> {
     const row = this.viewRow(user, path);
-    return row ? join(this.objectsDir, row.nar_hash) : undefined;
+    if (!row) return undefined;
+    const hash = row.nar_hash;
+    const dest = join(this.objectsDir, hash);
+    if (!this.materialising.has(hash)) {
+      const nar = this.sInlineNar.get(hash);
+      if (nar === undefined || lexists(dest)) return dest;
+      const done = this.materialise(hash, nar).finally(() => this.materialising.delete(hash));
+      this.materialising.set(hash, done);
+    }
+    await this.materialising.get(hash);
+    return dest;
+  }
+
+  /** Extract an inline object's NAR into objects/ (through a scratch name; nothing half-made is ever visible). */
+  private async materialise(hash: string, nar: Buffer): Promise<void> {
+    const tmp = this.newTmpName('inline');
+    try {
+      await restoreNar(new WireReader(oneChunk(nar)), tmp, { direct: true, expectEnd: true });
+    } catch (e) {
+      await removeTree(tmp).catch(() => {});
+      throw new StoreError(`cannot extract store object ${hash}: ${errorMessage(e)}`, { cause: e });
+    }
+    // In the same tick as the check: a GC may have deleted the object meanwhile (then it stays deleted).
+    const dest = join(this.objectsDir, hash);
+    if (this.sObject.get(hash) && !lexists(dest)) renameTree(tmp, dest);
+    else await removeTree(tmp);
+  }
+
+  /**
+   * The contents of `path` in the view if its object is a regular file of at most `maxBytes` (undefined: not valid
+   * in the view). Reads an inline object without extracting it. Throws a StoreError for anything else.
+   */
+  readRegularFile(user: string, path: string, maxBytes: number): Buffer | undefined {
+    const row = this.viewRow(user, path);
+    return row ? this.objectFile(row.nar_hash, path, maxBytes) : undefined;
+  }
+
+  private objectFile(hash: string, path: string, maxBytes: number): Buffer {
+    const nar = this.sInlineNar.get(hash);
+    let size: number;
+    let read: () => Buffer;
+    if (nar !== undefined) {
+      const f = narRegularFile(nar);
+      if (f === undefined) throw new StoreError(`path '${path}' is not a regular file`);
+      size = f.contents.length;
+      read = () => Buffer.from(f.contents);
+    } else {
+      const file = join(this.objectsDir, hash);
+      const st = lstatSync(file);
+      if (!st.isFile()) throw new StoreError(`path '${path}' is not a regular file`);
+      size = st.size;
+      read = () => readFileSync(file);
+    }
+    if (size > maxBytes) throw new StoreError(`path '${path}' is too large (${size} bytes, at most ${maxBytes})`);
+    return read();
   }
 
   /** Paths in the view whose (viewed) path info refers to `path`. */
@@ -583,10 +672,10 @@ export class Store {
     const cached = this.drvOutputsCache.get(row.nar_hash);
     if (cached) return cached;
     let outs: string[] = [];
-    const file = join(this.objectsDir, row.nar_hash);
     try {
-      if (row.nar_size <= MAX_DRV_NAR && lstatSync(file).isFile()) {
-        const drv = parseDerivation(readFileSync(file, 'latin1'), drvNameFromPath(row.path, this.storeDir), {
+      if (row.nar_size <= MAX_DRV_NAR) {
+        const text = this.objectFile(row.nar_hash, row.path, MAX_DRV_NAR).toString('latin1');
+        const drv = parseDerivation(text, drvNameFromPath(row.path, this.storeDir), {
           storeDir: this.storeDir,
         });
         outs = [...drv.outputs.values()].map((o) => o.path).filter((p) => p !== '');
@@ -692,9 +781,20 @@ export class Store {
     };
 
     // Already valid in the view, and this upload cannot make it public: only read and check the NAR (the caller's
-    // stream must stay in sync), without extracting it.
+    // stream must stay in sync), without keeping it.
     const existing = this.sViewRow.get(path, uk);
-    const needTree = existing === undefined || (this.sRow.get(path, PUBLIC) === undefined && this.couldBePublic(info));
+    const keep = existing === undefined || (this.sRow.get(path, PUBLIC) === undefined && this.couldBePublic(info));
+    // A small NAR is kept whole in memory and then in the database; a larger one is extracted into tmp/ as it arrives.
+    const inline = keep && info.narSize <= this.inlineMaxNar;
+    const needTree = keep && !inline;
+    const chunks: Buffer[] = [];
+    if (inline) {
+      const onChunk = narOpts.onChunk;
+      narOpts.onChunk = (b: Buffer) => {
+        chunks.push(b);
+        onChunk?.(b);
+      };
+    }
     const dest = this.newTmpName('import');
     /** The extracted tree now belongs to objects/ (nothing to clean up). */
     let moved = false;
@@ -703,9 +803,10 @@ export class Store {
       // `dest` is a fresh name in tmp/, which only this store uses: no need for a second temporary name and rename.
       summary = needTree ? await restoreNar(nar, dest, { ...narOpts, direct: true }) : await parseNar(nar, narOpts);
     } catch (e) {
-      await removeTree(dest).catch(() => {});
+      if (needTree) await removeTree(dest).catch(() => {});
       throw new StoreError(`cannot import path '${path}': ${errorMessage(e)}`, { cause: e });
     }
+    const src = inline ? Buffer.concat(chunks, summary.narSize) : dest;
 
     try {
       const gotHash = new Hash('sha256', summary.narHash);
@@ -719,7 +820,7 @@ export class Store {
           `size mismatch importing path '${path}': declared ${info.narSize} bytes, got ${summary.narSize}`,
         );
       }
-      if (!needTree) {
+      if (!keep) {
         this.logger?.debug({ user, path }, 'path already valid; NAR consumed');
         if (opts.holder !== undefined) this.addTempRoot(opts.holder, path);
         return this.toInfo(this.sViewRow.get(path, uk) ?? existing!);
@@ -727,7 +828,7 @@ export class Store {
 
       let caVerified = false;
       if (ca !== undefined) {
-        const v = await this.verifyContentAddress(sp, info, ca, dest, extraSink);
+        const v = await this.verifyContentAddress(sp, info, ca, src, extraSink);
         if (v === 'mismatch') {
           throw new HashMismatchError(
             `content address mismatch importing path '${path}': its contents do not match '${info.ca}'`,
@@ -738,7 +839,7 @@ export class Store {
       const validSigs = validPathInfoSignatures({ ...info, sigs: info.sigs ?? [] }, this.trusted);
       const wantPublic = validSigs.length > 0 || (caVerified && this.shareCA);
 
-      const result = this.commit(uk, info, dest, wantPublic, validSigs, opts.batch, false, () => {
+      const result = this.commit(uk, info, src, wantPublic, validSigs, opts.batch, false, () => {
         moved = true;
       });
       if (opts.holder !== undefined) this.addTempRoot(opts.holder, path);
@@ -760,25 +861,30 @@ export class Store {
   }
 
   /**
-   * Check that the extracted contents at `dir` match the content address. 'ok' if they do, 'mismatch' if they do not,
-   * 'unchecked' for methods this box cannot verify (git hashing): such paths simply stay private.
+   * Check that the contents (`src`: the extracted tree, or the whole NAR of an inline object) match the content
+   * address. 'ok' if they do, 'mismatch' if they do not, 'unchecked' for methods this box cannot verify (git
+   * hashing): such paths simply stay private.
    */
   private async verifyContentAddress(
     sp: StorePath,
     info: NewPathInfo,
     ca: ContentAddress,
-    dir: string,
+    src: string | Buffer,
     extraSink: HashSink | undefined,
   ): Promise<'ok' | 'mismatch' | 'unchecked'> {
     if (ca.method === 'git') return 'unchecked';
     let actual: Hash;
     if (ca.method === 'recursive') {
       actual = ca.hash.algo === 'sha256' ? info.narHash : extraSink!.finish().hash;
-    } else {
+    } else if (typeof src !== 'string') {
       // flat and text: a single regular, non-executable file.
-      const st = await lstat(dir);
+      const f = narRegularFile(src);
+      if (f === undefined || f.executable) return 'mismatch';
+      actual = hashBytes(ca.hash.algo, f.contents);
+    } else {
+      const st = await lstat(src);
       if (!st.isFile() || (st.mode & 0o111) !== 0) return 'mismatch';
-      actual = (await hashStream(ca.hash.algo, createReadStream(dir))).hash;
+      actual = (await hashStream(ca.hash.algo, createReadStream(src))).hash;
     }
     if (!actual.equals(ca.hash)) return 'mismatch';
     const self = info.references.includes(info.path);
@@ -793,13 +899,14 @@ export class Store {
   }
 
   /**
-   * Register one verified object (synchronously, in one transaction). `src` is its extracted tree; it is moved into
-   * objects/ unless that content is already there. Returns the info now in the user's view.
+   * Register one verified object (synchronously, in one transaction). `src` is its extracted tree, moved into
+   * objects/, or its whole NAR, kept inline — unless that content is already there. Returns the info now in the
+   * user's view.
    */
   private commit(
     uk: string,
     info: NewPathInfo,
-    src: string,
+    src: string | Buffer,
     wantPublic: boolean,
     sigs: string[],
     batch: ReadonlySet<string> | undefined,
@@ -838,9 +945,12 @@ export class Store {
           return this.sViewRow.get(info.path, uk)!;
         }
         if (this.sInsertNewObject.run(hash, info.narSize, nowSeconds()).changes === 1) {
-          // A new object: its tree moves in (if that fails, the transaction and so the insert are undone).
-          moveIntoObjects(src, objectPath, renameTree);
-          moved = true;
+          if (typeof src !== 'string') this.sInsertInline.run(hash, src);
+          else {
+            // A new object: its tree moves in (if that fails, the transaction and so the insert are undone).
+            moveIntoObjects(src, objectPath, renameTree);
+            moved = true;
+          }
         }
         const now = nowSeconds();
         const regTime = info.registrationTime && info.registrationTime > 0 ? info.registrationTime : now;
@@ -886,7 +996,7 @@ export class Store {
       if (moved) onMoved?.();
       return 'hash_part' in row ? this.toInfo(row) : row;
     } catch (e) {
-      if (moved) {
+      if (moved && typeof src === 'string') {
         try {
           renameTree(objectPath, src);
         } catch {
@@ -917,10 +1027,12 @@ export class Store {
     const holder = `nar:${++this.holderSeq}`;
     this.addTempRoot(holder, path);
     const dir = join(this.objectsDir, row.nar_hash);
+    const inline = this.sInlineNar.get(row.nar_hash);
     const self = this;
     return (async function* () {
       try {
-        yield* dumpPath(dir, { recycle: opts.recycle === true });
+        if (inline !== undefined) yield inline;
+        else yield* dumpPath(dir, { recycle: opts.recycle === true });
       } finally {
         self.releaseTempRoots(holder);
       }
@@ -1148,9 +1260,10 @@ export class Store {
       }
       const dead = this.db
         .prepare(
-          'SELECT hash, nar_size FROM objects WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_hash = objects.hash)',
+          `SELECT hash, nar_size, EXISTS (SELECT 1 FROM inline_nars i WHERE i.hash = objects.hash) AS inline
+           FROM objects WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_hash = objects.hash)`,
         )
-        .all() as Array<{ hash: string; nar_size: number }>;
+        .all() as Array<{ hash: string; nar_size: number; inline: number }>;
       const delObj = this.db.prepare('DELETE FROM objects WHERE hash = ?');
       let freedBytes = 0;
       for (const o of dead) {
@@ -1163,7 +1276,8 @@ export class Store {
         freedBytes,
         keptPaths: rows.length - deletedPaths,
         keptBytes: keptBytesOf(keep),
-        hashes: dead.map((o) => o.hash),
+        // Inline objects are on disk only if a build needed them there (their NAR row went with the object row).
+        hashes: dead.filter((o) => !o.inline || lexists(join(this.objectsDir, o.hash))).map((o) => o.hash),
       };
     });
     // Still in the same tick as the transaction: move the dead objects out of objects/ before anything can look.

@@ -194,7 +194,7 @@ describe('builds compared with the real Nix 2.8', () => {
     expect(info.narHash.toSRI()).toBe(nixInfo.narHash);
     expect(store.isValidPath('bob', out)).toBe(false); // legacy build: private to alice
 
-    const onDisk = store.realPath('alice', out)!;
+    const onDisk = (await store.realPath('alice', out))!;
     for (const [p, mode] of [
       [onDisk, 0o555],
       [join(onDisk, 'greeting'), 0o444],
@@ -235,7 +235,7 @@ describe('builds compared with the real Nix 2.8', () => {
     const out = d.drv.outputs.get('out')!.path;
     await nixRealise(d.drvPath);
     const ours = await narOf(store, 'alice', out);
-    const env = readFileSync(join(store.realPath('alice', out)!, 'env'), 'utf8');
+    const env = readFileSync(join((await store.realPath('alice', out))!, 'env'), 'utf8');
     expect(env).toBe(
       [
         'HOME=/homeless-shelter',
@@ -292,7 +292,10 @@ describe('builds compared with the real Nix 2.8', () => {
       const p = d.drv.outputs.get(o)!.path;
       expect((await narOf(store, 'alice', p)).equals(await nixDump(p)), o).toBe(true);
     }
-    const sh = readFileSync(join(store.realPath('alice', d.drv.outputs.get('out')!.path)!, '.attrs.sh'), 'utf8');
+    const sh = readFileSync(
+      join((await store.realPath('alice', d.drv.outputs.get('out')!.path))!, '.attrs.sh'),
+      'utf8',
+    );
     expect(sh).toContain("declare -a list=(1 'two' 1 '' )\n");
     expect(sh).toContain("declare -A obj=(['a']=1 ['b c']='it'\\''s' )\n");
   });
@@ -361,7 +364,7 @@ describe('builds compared with the real Nix 2.8', () => {
     const out = d.drv.outputs.get('out')!.path;
     const info = store.queryPathInfo('alice', out)!;
     expect(info.ca).toMatch(/^fixed:sha256:[0-9a-z]{52}$/);
-    expect(readFileSync(store.realPath('alice', out)!, 'utf8')).toBe(content);
+    expect(readFileSync((await store.realPath('alice', out))!, 'utf8')).toBe(content);
     // Nix computes the same ca for this content.
     const nixCa = (await nix28('nix-store', ['--add-fixed', 'sha256', writeTemp('fod.txt', content)])).stdout.trim();
     expect((await nixPathInfo(nixCa)).ca).toBe(info.ca);
@@ -591,7 +594,7 @@ describe('failures', () => {
     const i686 = fake('i686', 'uname -m > $out', { platform: 'i686-linux' });
     r = await builder.build(request('alice', i686.drvPath, i686.drv).req);
     expect(r.status, describeResult(r)).toBe(BuildStatus.Built);
-    expect(readFileSync(store.realPath('alice', i686.drv.outputs.get('out')!.path)!, 'utf8')).toBe('i686\n');
+    expect(readFileSync((await store.realPath('alice', i686.drv.outputs.get('out')!.path))!, 'utf8')).toBe('i686\n');
   });
 });
 
@@ -625,7 +628,7 @@ describe('sandbox escapes', () => {
     const f = fake('escape', script);
     const r = await builder.build(request('alice', f.drvPath, f.drv).req);
     expect(r.status, describeResult(r)).toBe(BuildStatus.Built);
-    const out = store.realPath('alice', f.drv.outputs.get('out')!.path)!;
+    const out = (await store.realPath('alice', f.drv.outputs.get('out')!.path))!;
     expect(readFileSync(join(out, 'log'), 'utf8')).toBe('no-secret\nnc=1\nbuild-ok\nbg-started\n');
     expect(readFileSync(join(out, 'secret'), 'utf8')).toContain('No such file or directory');
     expect(readFileSync(join(out, 'store'), 'utf8').split('\n').sort()).toEqual(

@@ -36,9 +36,15 @@ function fileNar(contents: string): Buffer {
 
 const PATH_X = '/nix/store/00000000000000000000000000000abc-hostile';
 
-function storeSnapshot(): { objects: string[]; tmp: string[] } {
+function storeSnapshot(): { objects: string[]; tmp: string[]; stored: number; paths: number } {
   const base = join(tb.box.config.stateDir, 'store');
-  return { objects: readdirSync(join(base, 'objects')).sort(), tmp: readdirSync(join(base, 'tmp')).sort() };
+  const { objects: stored, paths } = tb.box.store.stats();
+  return {
+    objects: readdirSync(join(base, 'objects')).sort(),
+    tmp: readdirSync(join(base, 'tmp')).sort(),
+    stored,
+    paths,
+  };
 }
 
 async function addToStoreNar(user: string, nar: Buffer, declared: { hash: string; size: number }, cut = false) {

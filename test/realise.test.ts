@@ -263,7 +263,7 @@ describe('realise with the real builder', () => {
     expect(info.scope).toBe('public');
     expect(verifyPathInfoSignatures(info, [key.publicKey])).toBe(true);
     // The output really is b's: a's two outputs, concatenated.
-    expect(readFileSync(store.realPath('bob', bOut)!, 'utf8')).toBe('a-out\na-lib\n');
+    expect(readFileSync((await store.realPath('bob', bOut))!, 'utf8')).toBe('a-out\na-lib\n');
   });
 
   it('does not rebuild for another user, and says so', async () => {
