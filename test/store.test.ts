@@ -587,6 +587,24 @@ describe('persistence', () => {
     expect(s4.isValidPath('alice', A.info.path)).toBe(false);
   });
 
+  it('commits grouped imports on its timer and at close; a failed import in a group rolls back alone', async () => {
+    const stateDir = join(work.path, `persist-${uniqueTag()}`);
+    const s1 = Store.open({ stateDir, persist: false, trustedPublicKeys: [] });
+    await add(s1, 'alice', A);
+    await new Promise((r) => setTimeout(r, 250)); // the group of A is committed by now
+    await add(s1, 'alice', B);
+    await expect(
+      s1.addToStoreNar('alice', newInfoOf(C.info, { narHash: Hash.parseAnyPrefixed(X.info.narHash) }), readerOf(C.nar)),
+    ).rejects.toThrow(HashMismatchError);
+    await add(s1, 'bob', T);
+    s1.close(); // commits the group of B and T
+    const s2 = Store.open({ stateDir, persist: true, trustedPublicKeys: [] });
+    opened.push(s2);
+    expect(s2.queryValidPaths('alice', [A.info.path, B.info.path, C.info.path])).toEqual([A.info.path, B.info.path]);
+    expect(s2.isValidPath('bob', T.info.path)).toBe(true);
+    expect(s2.stats()).toMatchObject({ objects: 3, paths: 3 });
+  });
+
   it('drops rows whose object vanished, with their referrers, at a persistent open', async () => {
     const stateDir = join(work.path, `persist-${uniqueTag()}`);
     const s1 = Store.open({ stateDir, persist: false, trustedPublicKeys: [], inlineMaxNar: 0 });
