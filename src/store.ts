@@ -153,7 +153,9 @@ export interface GcResult {
 
 export interface StoreStats {
   objects: number;
-  /** Sum of the NAR sizes of the objects on disk. */
+  /** Objects kept inline in the database (small NARs), out of `objects`. */
+  inlineObjects: number;
+  /** Sum of the NAR sizes of all objects. */
   bytes: number;
   paths: number;
   /** Number of path rows per scope ('public' or user name). */
@@ -756,7 +758,15 @@ export class Store {
       byScope[scopeOfKey(r.scope)] = r.n;
       paths += r.n;
     }
-    return { objects: o.n, bytes: o.b, paths, pathsByScope: byScope, tempRootHolders: this.tempRoots.size };
+    const inlineObjects = this.db.prepare('SELECT count(*) FROM inline_nars').pluck().get() as number;
+    return {
+      objects: o.n,
+      inlineObjects,
+      bytes: o.b,
+      paths,
+      pathsByScope: byScope,
+      tempRootHolders: this.tempRoots.size,
+    };
   }
 
   // -------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ describe('status server', () => {
     expect(m.body).toMatch(/^buildbox_build_slots 4$/m);
     expect(m.body).toMatch(/^buildbox_build_slots_busy 0$/m);
     expect(m.body).toMatch(/^buildbox_store_objects \d+$/m);
+    expect(m.body).toMatch(/^buildbox_store_inline_objects \d+$/m);
     const page = await get('/');
     expect(page.type).toContain('text/html');
     expect(page.body).toContain(tb.box.hostKey.fingerprint);

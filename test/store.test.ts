@@ -465,7 +465,7 @@ describe('small objects kept inline', () => {
     expect(listDir(store.objectsDir)).toEqual([hashOf(T)]);
     expect(await collect(store.narFromPath('alice', A.info.path))).toEqual(A.nar);
     expect(await collect(store.narFromPath('alice', T.info.path))).toEqual(T.nar);
-    expect(store.stats()).toMatchObject({ objects: 2, bytes: A.info.narSize + T.info.narSize });
+    expect(store.stats()).toMatchObject({ objects: 2, inlineObjects: 1, bytes: A.info.narSize + T.info.narSize });
   });
 
   it('extracts a directory tree on demand with canonical metadata, identical to an import on disk', async () => {
