@@ -744,6 +744,8 @@ export class Builder {
       }
     };
     let dirs: SandboxDirs | undefined;
+    /** Nothing runs as the slot uid (false from the sandbox's start until runBuilder has made sure of it). */
+    let noProcesses = true;
     try {
       await mkdir(this.config.buildDirRoot, { recursive: true, mode: 0o711 });
       await chmod(this.config.buildDirRoot, 0o711);
@@ -782,7 +784,9 @@ export class Builder {
         inputs.push({ path: p, hostPath });
       }
 
+      noProcesses = false;
       const run = await this.runBuilder(b, dirs, inputs, prepared);
+      noProcesses = true; // runBuilder returns only once every process of the slot uid is dead
       // Every process of the slot uid is dead now.
       if (run.failure) throw run.failure;
 
@@ -822,8 +826,10 @@ export class Builder {
         builtOutputs: builtOutputs(drv, b.outputs, this.storeDir),
       };
     } finally {
-      // Processes are dead (runBuilder guarantees it, also when it throws); outputs are in the store or discarded.
-      await killUidProcesses(slot.uid).catch((e) => this.logger?.error({ err: e }, 'cannot kill build processes'));
+      // Outputs are in the store or discarded. Processes are dead unless runBuilder failed to make sure of it.
+      if (!noProcesses) {
+        await killUidProcesses(slot.uid).catch((e) => this.logger?.error({ err: e }, 'cannot kill build processes'));
+      }
       release();
       if (dirs) await removeTree(dirs.top).catch((e) => this.logger?.warn({ err: e }, 'cannot remove build dir'));
       if (signal.aborted) this.logger?.info({ drv: drvPath, user }, 'build cancelled');
@@ -926,13 +932,16 @@ export class Builder {
     }
 
     let exit: Awaited<typeof proc.exited>;
+    let swept = false;
     try {
       exit = await proc.exited;
+      swept = exit.swept;
     } finally {
       for (const t of timers) clearTimeout(t);
       signal.removeEventListener('abort', onAbort);
       proc.kill();
-      await killUidProcesses(slot.uid);
+      // The wrapper already killed everything of the uid when it ended by itself; otherwise sweep /proc.
+      if (!swept) await killUidProcesses(slot.uid);
       // Every writer of the pipe is dead: the output ends now (bounded wait in case of a leaked descriptor).
       await new Promise<void>((res) => {
         if (proc.output.readableEnded || proc.output.destroyed) return res();

@@ -21,7 +21,9 @@
  *
  * Killing: the builder runs as PID 1 of its PID namespace (`--as-pid-1`, as under Nix); when it exits or is killed the
  * kernel kills everything left in the namespace. `--die-with-parent` ties it to bwrap, bwrap runs in its own process
- * group which `kill()` signals, and `killUidProcesses(uid)` sweeps any process still running as the slot uid.
+ * group which `kill()` signals, and after bwrap the wrapper (as the slot uid) sends SIGKILL to every process of that
+ * uid with one `kill(-1)`, as Nix does for its build users. Only when the wrapper itself was killed does
+ * `killUidProcesses(uid)` sweep `/proc` for what still runs as the slot uid.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import {
@@ -248,6 +250,13 @@ export interface SandboxRunOptions {
   personality?: 'i686';
 }
 
+export interface SandboxExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  started: boolean;
+  swept: boolean;
+}
+
 export interface SandboxProcess {
   readonly child: ChildProcess;
   /** The builder's stdout and stderr, merged into one stream. */
@@ -255,8 +264,10 @@ export interface SandboxProcess {
   /**
    * Resolves when bwrap has exited. `started`: the builder ran and exited by itself, `code` is then its exit status
    * (128 + n if killed by signal n); false: sandbox setup failed (bwrap's message is in `output`) or it was killed.
+   * `swept`: the sandbox's wrapper (running as the slot uid) ended by itself after sending SIGKILL to every other
+   * process of the uid — nothing of the build can still run; false if it was killed (`killUidProcesses` is due).
    */
-  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; started: boolean }>;
+  readonly exited: Promise<SandboxExit>;
   /** SIGKILL the whole sandbox. Safe to call repeatedly and after exit. */
   kill(): void;
 }
@@ -275,7 +286,12 @@ const WRAPPER = [
   // biome-ignore lint/suspicious/noTemplateCurlyInString: bash code
   'for f in /proc/$$/fd/*; do n=${f##*/}; case $n in 0|1|2|3|4|6) ;; *) eval "exec $n>&-" 2>/dev/null;; esac; done',
   // biome-ignore lint/suspicious/noTemplateCurlyInString: bash code
-  'exec "$@" -- "${cmd[@]}" 2>&1',
+  '"$@" -- "${cmd[@]}" 2>&1',
+  'rc=$?',
+  // Every other process of the slot uid, wherever it is, gets SIGKILL in one kill(-1) by that uid (the kernel lets
+  // it signal exactly the processes whose real or saved uid it is); none can fork past it. Then the status of bwrap.
+  'kill -s KILL -- -1 2>/dev/null',
+  'exit $rc',
 ].join('\n');
 
 const nulJoin = (xs: string[]): Buffer => Buffer.concat(xs.map((s) => Buffer.from(`${s}\0`, 'latin1')));
@@ -388,11 +404,11 @@ export function spawnSandbox(spec: SandboxSpec, opts: SandboxRunOptions): Sandbo
       }
     }
   };
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null; started: boolean }>((resolve) => {
+  const exited = new Promise<SandboxExit>((resolve) => {
     child.on('error', (err) => {
       exitedFlag = true;
       status += `\n{"spawn-error": ${JSON.stringify(err.message)}}`;
-      resolve({ code: null, signal: null, started: false });
+      resolve({ code: null, signal: null, started: false, swept: false });
     });
     child.on('exit', (code, signal) => {
       exitedFlag = true;
@@ -400,7 +416,7 @@ export function spawnSandbox(spec: SandboxSpec, opts: SandboxRunOptions): Sandbo
       // bwrap writes `{ "exit-code": N }` only when the builder itself ran and exited (not on setup failure).
       const done = (): void => {
         const m = /"exit-code"\s*:\s*(\d+)/.exec(status);
-        resolve({ code: m ? Number(m[1]) : code, signal, started: m !== null });
+        resolve({ code: m ? Number(m[1]) : code, signal, started: m !== null, swept: signal === null });
       };
       if (statusPipe.readableEnded || statusPipe.destroyed) done();
       else {

@@ -206,16 +206,17 @@ describe('sandbox', () => {
       { uid, gid: uid },
     );
     await new Promise<void>((res) => p.output.once('data', () => res()));
-    // Outside, everything runs as the slot uid: bwrap (the bash wrapper exec'd into it) and three sleeps (busybox sh
-    // execs its last command itself).
+    // Outside, everything runs as the slot uid: the bash wrapper, bwrap and three sleeps (busybox sh execs its last
+    // command itself).
     const until = Date.now() + 2000;
-    while (processesOfUid(uid).length < 4 && Date.now() < until) await new Promise((res) => setTimeout(res, 10));
-    expect(processesOfUid(uid).length).toBe(4);
+    while (processesOfUid(uid).length < 5 && Date.now() < until) await new Promise((res) => setTimeout(res, 10));
+    expect(processesOfUid(uid).length).toBe(5);
     const t0 = Date.now();
     p.kill();
     const r = await p.exited;
     expect(Date.now() - t0).toBeLessThan(1000);
     expect(r.signal).toBe('SIGKILL');
+    expect(r.swept).toBe(false); // the wrapper was killed too: the caller sweeps
     const deadline = Date.now() + 1000;
     while (processesOfUid(uid).length > 0 && Date.now() < deadline) await new Promise((res) => setTimeout(res, 20));
     expect(processesOfUid(uid)).toEqual([]);
@@ -267,6 +268,30 @@ describe('sandbox', () => {
   it('cannot create user namespaces inside', async () => {
     const r = await runIn('unshare -U true && echo made || echo refused');
     expect(r.out).toContain('refused');
+  });
+
+  it('after the builder, the wrapper kills every other process of the slot uid, also outside the sandbox', async () => {
+    const uid = UID + 3;
+    const { spawn } = await import('node:child_process');
+    const stray = spawn('/bin/sleep', ['1000'], { uid, gid: uid, detached: true, stdio: 'ignore' });
+    await new Promise((res) => stray.once('spawn', res));
+    const strayExit = new Promise<NodeJS.Signals | null>((res) => stray.once('exit', (_, sig) => res(sig)));
+    const p = spawnSandbox(
+      {
+        dirs: prepareSandboxDirs(join(tmp.path, `sb${n++}`), uid, uid, { fixedOutput: false }),
+        storeDir: '/nix/store',
+        inputs,
+        fixedOutput: false,
+        builder: `${BB}/bin/sh`,
+        args: ['-c', 'echo done'],
+        env: { PATH: `${BB}/bin` },
+      },
+      { uid, gid: uid },
+    );
+    const r = await p.exited;
+    expect(r).toMatchObject({ code: 0, started: true, swept: true });
+    expect(await strayExit).toBe('SIGKILL');
+    expect(processesOfUid(uid)).toEqual([]);
   });
 
   it('killUidProcesses sweeps stray processes of a uid', async () => {
