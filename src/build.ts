@@ -787,7 +787,6 @@ export class Builder {
       noProcesses = false;
       const run = await this.runBuilder(b, dirs, inputs, prepared);
       noProcesses = true; // runBuilder returns only once every process of the slot uid is dead
-      // Every process of the slot uid is dead now.
       if (run.failure) throw run.failure;
 
       const built = await this.postProcess(b, dirs);
