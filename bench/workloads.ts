@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { Closure } from './gen.js';
 import { lastLines, run } from './proc.js';
-import { memOf, RssSampler, resetPeak } from './procfs.js';
+import { memOf, RssSampler, reapedChildrenCpuSeconds, resetPeak } from './procfs.js';
 import { percentile, type Sample, type TargetName } from './report.js';
 
 export type Proto = 'ssh' | 'ssh-ng';
@@ -325,6 +325,8 @@ export interface P4Result {
   failures: Sample;
   wall: Sample;
   cpu: Sample;
+  /** CPU seconds of the client processes (nix-build, their build hooks and ssh), all reaped by the end. */
+  clientsCpu: Sample;
 }
 
 /** P4: `clients` nix-builds at once, each building `builds` hello-boxes in parallel on its own box user. */
@@ -343,6 +345,7 @@ export async function p4(
   });
   const started = performance.now();
   const cpu0 = t.cpuSeconds();
+  const clients0 = reapedChildrenCpuSeconds();
   const runs = await Promise.all(
     stores.map((store, i) =>
       nixBuild(ctx, store, `${proto}://${t.host(`p4-${proto}-${i}`)}`, `p4${uniq()}`, builds, builds).catch(
@@ -351,6 +354,7 @@ export async function p4(
     ),
   );
   const wall = (performance.now() - started) / 1000;
+  const clientsCpu = reapedChildrenCpuSeconds() - clients0;
   await t.settle();
   const cpu = t.cpuSeconds() - cpu0;
   const lat = runs.flatMap((r) => r.latenciesMs).map((ms) => ms / 1000);
@@ -363,5 +367,6 @@ export async function p4(
     failures: { rep, value: failures, error: failures > 0 ? errors[0] : undefined },
     wall: { rep, value: wall },
     cpu: { rep, value: cpu },
+    clientsCpu: { rep, value: clientsCpu },
   };
 }
