@@ -42,7 +42,9 @@ describe('buildbox CLI', () => {
       join(dir, 'box.toml'),
       'port = 0\nstate-dir = "state"\n[registry]\npath = "reg"\n[status]\nport = 0\n',
     );
-    child = spawn('node', [CLI, 'serve', '--config', join(dir, 'box.toml')], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // As an installed `buildbox` runs: the file itself, through its interpreter line (and its V8 memory flag).
+    chmodSync(CLI, 0o755);
+    child = spawn(CLI, ['serve', '--config', join(dir, 'box.toml')], { stdio: ['ignore', 'pipe', 'pipe'] });
     let err = '';
     const port = await new Promise<number>((resolve, reject) => {
       child!.stderr!.on('data', (d: Buffer) => {
@@ -63,6 +65,7 @@ describe('buildbox CLI', () => {
     ]);
     const j = JSON.parse(fp.stdout) as { fingerprint: string; knownHosts: string; signingKey: string };
     expect(err).toContain(`host key fingerprint: ${j.fingerprint}`);
+    expect(readFileSync(`/proc/${child.pid}/cmdline`, 'utf8').split('\0')).toContain('--max-semi-space-size=1');
     expect(j.signingKey).toMatch(/^buildbox-.+-1:/);
     writeFileSync(join(dir, 'known_hosts'), `${j.knownHosts}\n`);
     expect(readFileSync(join(dir, 'state', 'ssh_host_ed25519_key.pub'), 'utf8')).toContain(j.knownHosts.split(' ')[2]);
