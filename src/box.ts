@@ -3,7 +3,7 @@
  * (reloaded on change or followed from git), scheduler, builder, the SSH front door, the unix socket for the OpenSSH
  * front door, and the HTTP status server.
  */
-import { existsSync, mkdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { Builder } from './build.js';
@@ -12,6 +12,7 @@ import { type Config, systemsOf } from './config.js';
 import { runCommand } from './dispatch.js';
 import { type HostKey, loadOrCreateHostKey } from './host-key.js';
 import { Registry } from './registry-runtime.js';
+import { processesOfUids } from './sandbox.js';
 import { Scheduler } from './scheduler.js';
 import { SESSION_SOCKET_FILE, type SessionSocketHandle, startSessionSocket } from './session-socket.js';
 import { loadPublicKey, loadSecretKey, type PublicKey, SecretKey, savePublicKey, saveSecretKey } from './signing.js';
@@ -74,7 +75,45 @@ export function unreachableParent(dir: string): string | undefined {
   }
 }
 
+/**
+ * Why the build uids `base` … `base + count - 1` are not free for the box: an account in `passwd` has one, or a process
+ * runs as one (another box with an overlapping range, or leftovers of a crashed one). After every build the box kills
+ * every process of the slot's uid, so the range must belong to nothing else.
+ */
+export function buildUidConflict(base: number, count: number, passwd = '/etc/passwd'): string | undefined {
+  const inRange = (u: number): boolean => u >= base && u < base + count;
+  let accounts = '';
+  try {
+    accounts = readFileSync(passwd, 'utf8');
+  } catch {
+    // no passwd file to check (accounts from other name services are not seen either)
+  }
+  for (const line of accounts.split('\n')) {
+    const [name, , uid] = line.split(':');
+    if (uid !== undefined && /^\d+$/.test(uid) && inRange(Number(uid))) {
+      return `uid ${uid} is the account '${name}' in ${passwd}`;
+    }
+  }
+  const procs = processesOfUids(inRange);
+  if (procs.length > 0) {
+    const pids = procs.slice(0, 5).map((p) => p.pid);
+    return (
+      `processes run as uid ${procs[0]!.uid} (pid ${pids.join(', ')}${procs.length > 5 ? ', …' : ''}): another ` +
+      'buildbox with an overlapping range, or leftovers of a crashed one'
+    );
+  }
+  return undefined;
+}
+
 export async function startBox(config: Config, logger: Logger): Promise<Box> {
+  const uidConflict = buildUidConflict(config.buildUidBase, config.maxJobs);
+  if (uidConflict) {
+    const last = config.buildUidBase + config.maxJobs - 1;
+    throw new Error(
+      `the build uids ${config.buildUidBase}–${last} (build-uid-base, max-jobs) must be reserved for this box, ` +
+        `but ${uidConflict}`,
+    );
+  }
   mkdirSync(config.stateDir, { recursive: true, mode: 0o755 });
   const blocked = unreachableParent(config.stateDir);
   if (blocked) {

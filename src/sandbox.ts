@@ -457,7 +457,12 @@ export async function killUidProcesses(uid: number, timeoutMs = 2000): Promise<n
 
 /** Pids of live (non-zombie) processes running with `uid` as real, effective or saved uid. */
 export function processesOfUid(uid: number): number[] {
-  const out: number[] = [];
+  return processesOfUids((u) => u === uid).map((p) => p.pid);
+}
+
+/** Live (non-zombie) processes with a real, effective or saved uid for which `match` holds (with that uid). */
+export function processesOfUids(match: (uid: number) => boolean): Array<{ pid: number; uid: number }> {
+  const out: Array<{ pid: number; uid: number }> = [];
   let entries: string[];
   try {
     entries = readdirSync('/proc');
@@ -476,7 +481,8 @@ export function processesOfUid(uid: number): number[] {
     if (state === 'Z' || state === 'X') continue;
     const m = /^Uid:\s+(\d+)\s+(\d+)\s+(\d+)/m.exec(status);
     if (!m) continue;
-    if (Number(m[1]) === uid || Number(m[2]) === uid || Number(m[3]) === uid) out.push(Number(e));
+    const uid = [m[1], m[2], m[3]].map(Number).find(match);
+    if (uid !== undefined) out.push({ pid: Number(e), uid });
   }
   return out;
 }

@@ -3,7 +3,7 @@
  * fingerprint, clear errors for bad input.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeUserKey } from './helpers/box.js';
@@ -85,5 +85,20 @@ describe('buildbox CLI', () => {
     expect(r.code).toBe(1);
     expect(r.stderr).toContain(`${join(t.path, 'bad.toml')}:2: unknown key 'max-jbos'`);
     expect(r.stderr).not.toMatch(/\n\s+at /); // no stack trace
+  });
+
+  it('refuses to serve with build uids that belong to an account or a running process', async () => {
+    // uid 1 is 'daemon' on Debian: slots 1…4 would run builds (and kill processes) as it.
+    writeFileSync(
+      join(t.path, 'uids.toml'),
+      `port = 0\nstate-dir = "${t.path}/uids"\nbuild-uid-base = 1\nmax-jobs = 4\n`,
+    );
+    const r = await run('node', [CLI, 'serve', '--config', join(t.path, 'uids.toml')], { allowFail: true });
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain(
+      "the build uids 1–4 (build-uid-base, max-jobs) must be reserved for this box, but uid 1 is the account 'daemon' in /etc/passwd",
+    );
+    expect(r.stderr).not.toMatch(/\n\s+at /);
+    expect(existsSync(join(t.path, 'uids'))).toBe(false); // refused before anything was made
   });
 });
