@@ -127,25 +127,26 @@ export class RssSampler {
 
 const CLK_TCK = 100;
 
-/** CPU seconds of a process and its reaped descendants (utime + stime + cutime + cstime), or 0 if it is gone. */
-export function cpuSecondsOf(pid: number): number {
+/** utime, stime, cutime and cstime of a process in seconds (fields 14–17 of proc(5)'s stat), or undefined if gone. */
+function cpuTimesOf(pid: number | 'self'): [number, number, number, number] | undefined {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    // Fields after the command: state(3) ppid … utime(14) stime(15) cutime(16) cstime(17), 1-based in proc(5).
-    return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / CLK_TCK;
+    // Fields after the command start at state (3); utime is field 14, i.e. index 11 here.
+    return [f[11], f[12], f[13], f[14]].map((x) => Number(x) / CLK_TCK) as [number, number, number, number];
   } catch {
-    return 0;
+    return undefined;
   }
 }
 
-/** CPU seconds of the reaped children (and their reaped descendants) of this process: cutime + cstime. */
+/** CPU seconds of a process and its reaped descendants (utime + stime + cutime + cstime), or 0 if it is gone. */
+export function cpuSecondsOf(pid: number): number {
+  const t = cpuTimesOf(pid);
+  return t ? t[0] + t[1] + t[2] + t[3] : 0;
+}
+
+/** CPU seconds of this process's reaped children (and their reaped descendants): cutime + cstime. */
 export function reapedChildrenCpuSeconds(): number {
-  try {
-    const stat = readFileSync('/proc/self/stat', 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[13]) + Number(f[14])) / CLK_TCK;
-  } catch {
-    return 0;
-  }
+  const t = cpuTimesOf('self');
+  return t ? t[2] + t[3] : 0;
 }
