@@ -753,7 +753,7 @@ export class Builder {
         const p = join(this.config.buildDirRoot, '.exec-helper');
         this.execHelper = writeExecHelper(p) ? p : null;
       }
-      dirs = prepareSandboxDirs(join(this.config.buildDirRoot, id), slot.uid, slot.gid, {
+      dirs = await prepareSandboxDirs(join(this.config.buildDirRoot, id), slot.uid, slot.gid, {
         fixedOutput: b.kind === 'fixed',
       });
 

@@ -28,10 +28,8 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import {
   chmodSync,
-  chownSync,
   closeSync,
   lstatSync,
-  mkdirSync,
   openSync,
   readdirSync,
   readFileSync,
@@ -40,6 +38,7 @@ import {
   type Stats,
   writeFileSync,
 } from 'node:fs';
+import { chmod, chown, mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 
@@ -85,23 +84,31 @@ export interface SandboxDirs {
  * Create the host directories of a sandbox under `top` (which must not exist; its parent must be traversable by the
  * slot uid): `build` (0700) and `store` (1775) owned by uid/gid, `etc` with the files Nix writes.
  */
-export function prepareSandboxDirs(top: string, uid: number, gid: number, opts: { fixedOutput: boolean }): SandboxDirs {
-  mkdirSync(top, { mode: 0o711 });
-  chmodSync(top, 0o711);
+export async function prepareSandboxDirs(
+  top: string,
+  uid: number,
+  gid: number,
+  opts: { fixedOutput: boolean },
+): Promise<SandboxDirs> {
+  // Through the thread pool: on a file system slow to create inodes this must not hold up the event loop.
+  await mkdir(top, { mode: 0o711 });
+  await chmod(top, 0o711);
   const buildDir = join(top, 'build');
   const storeHostDir = join(top, 'store');
   const etcDir = join(top, 'etc');
-  mkdirSync(buildDir, { mode: 0o700 });
-  chownSync(buildDir, uid, gid);
-  chmodSync(buildDir, 0o700);
-  mkdirSync(storeHostDir, { mode: 0o1775 });
-  chownSync(storeHostDir, uid, gid);
-  chmodSync(storeHostDir, 0o1775);
-  mkdirSync(etcDir, { mode: 0o755 });
-  writeFileSync(join(etcDir, 'passwd'), etcPasswd(), { mode: 0o644 });
-  writeFileSync(join(etcDir, 'group'), ETC_GROUP, { mode: 0o644 });
-  if (opts.fixedOutput) writeFileSync(join(etcDir, 'nsswitch.conf'), ETC_NSSWITCH, { mode: 0o644 });
-  else writeFileSync(join(etcDir, 'hosts'), ETC_HOSTS, { mode: 0o644 });
+  const owned = async (dir: string, mode: number): Promise<void> => {
+    await mkdir(dir, { mode });
+    await chown(dir, uid, gid);
+    await chmod(dir, mode);
+  };
+  await Promise.all([owned(buildDir, 0o700), owned(storeHostDir, 0o1775), mkdir(etcDir, { mode: 0o755 })]);
+  await Promise.all([
+    writeFile(join(etcDir, 'passwd'), etcPasswd(), { mode: 0o644 }),
+    writeFile(join(etcDir, 'group'), ETC_GROUP, { mode: 0o644 }),
+    opts.fixedOutput
+      ? writeFile(join(etcDir, 'nsswitch.conf'), ETC_NSSWITCH, { mode: 0o644 })
+      : writeFile(join(etcDir, 'hosts'), ETC_HOSTS, { mode: 0o644 }),
+  ]);
   return { top, buildDir, storeHostDir, etcDir };
 }
 

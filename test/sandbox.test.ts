@@ -55,7 +55,7 @@ interface Ran {
   out: string;
   code: number | null;
   started: boolean;
-  dirs: ReturnType<typeof prepareSandboxDirs>;
+  dirs: Awaited<ReturnType<typeof prepareSandboxDirs>>;
 }
 
 async function runIn(
@@ -70,7 +70,7 @@ async function runIn(
   } = {},
 ): Promise<Ran> {
   const uid = opts.uid ?? UID;
-  const dirs = prepareSandboxDirs(join(tmp.path, `sb${n++}`), uid, uid, { fixedOutput: !!opts.fixedOutput });
+  const dirs = await prepareSandboxDirs(join(tmp.path, `sb${n++}`), uid, uid, { fixedOutput: !!opts.fixedOutput });
   const p = spawnSandbox(
     {
       dirs,
@@ -193,7 +193,7 @@ describe('sandbox', () => {
 
   it('kill() takes the whole tree down within a second, even with detached grandchildren', async () => {
     const uid = UID + 1;
-    const dirs = prepareSandboxDirs(join(tmp.path, `sb${n++}`), uid, uid, { fixedOutput: false });
+    const dirs = await prepareSandboxDirs(join(tmp.path, `sb${n++}`), uid, uid, { fixedOutput: false });
     const p = spawnSandbox(
       {
         dirs,
@@ -233,8 +233,8 @@ describe('sandbox', () => {
     expect(r.out).not.toContain('never');
   });
 
-  it('refuses a store object missing on disk with a clear error', () => {
-    const dirs = prepareSandboxDirs(join(tmp.path, `sb${n++}`), UID, UID, { fixedOutput: false });
+  it('refuses a store object missing on disk with a clear error', async () => {
+    const dirs = await prepareSandboxDirs(join(tmp.path, `sb${n++}`), UID, UID, { fixedOutput: false });
     expect(() =>
       spawnSandbox(
         {
@@ -278,7 +278,7 @@ describe('sandbox', () => {
     const strayExit = new Promise<NodeJS.Signals | null>((res) => stray.once('exit', (_, sig) => res(sig)));
     const p = spawnSandbox(
       {
-        dirs: prepareSandboxDirs(join(tmp.path, `sb${n++}`), uid, uid, { fixedOutput: false }),
+        dirs: await prepareSandboxDirs(join(tmp.path, `sb${n++}`), uid, uid, { fixedOutput: false }),
         storeDir: '/nix/store',
         inputs,
         fixedOutput: false,
