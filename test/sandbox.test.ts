@@ -288,10 +288,15 @@ describe('sandbox', () => {
       },
       { uid, gid: uid },
     );
-    const r = await p.exited;
-    expect(r).toMatchObject({ code: 0, started: true, swept: true });
-    expect(await strayExit).toBe('SIGKILL');
-    expect(processesOfUid(uid)).toEqual([]);
+    try {
+      const r = await p.exited;
+      expect(r).toMatchObject({ code: 0, started: true, swept: true });
+      const timeout = new Promise<string>((res) => setTimeout(() => res('still running after 2 s'), 2000).unref());
+      expect(await Promise.race([strayExit, timeout])).toBe('SIGKILL');
+      expect(processesOfUid(uid)).toEqual([]);
+    } finally {
+      stray.kill('SIGKILL'); // (only if the wrapper did not)
+    }
   });
 
   it('killUidProcesses sweeps stray processes of a uid', async () => {
