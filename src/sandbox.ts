@@ -38,7 +38,7 @@ import {
   type Stats,
   writeFileSync,
 } from 'node:fs';
-import { chmod, chown, mkdir, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, rm, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 
@@ -92,7 +92,6 @@ export async function prepareSandboxDirs(
 ): Promise<SandboxDirs> {
   // Through the thread pool: on a file system slow to create inodes this must not hold up the event loop.
   await mkdir(top, { mode: 0o711 });
-  await chmod(top, 0o711);
   const buildDir = join(top, 'build');
   const storeHostDir = join(top, 'store');
   const etcDir = join(top, 'etc');
@@ -101,14 +100,20 @@ export async function prepareSandboxDirs(
     await chown(dir, uid, gid);
     await chmod(dir, mode);
   };
-  await Promise.all([owned(buildDir, 0o700), owned(storeHostDir, 0o1775), mkdir(etcDir, { mode: 0o755 })]);
-  await Promise.all([
-    writeFile(join(etcDir, 'passwd'), etcPasswd(), { mode: 0o644 }),
-    writeFile(join(etcDir, 'group'), ETC_GROUP, { mode: 0o644 }),
-    opts.fixedOutput
-      ? writeFile(join(etcDir, 'nsswitch.conf'), ETC_NSSWITCH, { mode: 0o644 })
-      : writeFile(join(etcDir, 'hosts'), ETC_HOSTS, { mode: 0o644 }),
-  ]);
+  try {
+    await chmod(top, 0o711);
+    await Promise.all([owned(buildDir, 0o700), owned(storeHostDir, 0o1775), mkdir(etcDir, { mode: 0o755 })]);
+    await Promise.all([
+      writeFile(join(etcDir, 'passwd'), etcPasswd(), { mode: 0o644 }),
+      writeFile(join(etcDir, 'group'), ETC_GROUP, { mode: 0o644 }),
+      opts.fixedOutput
+        ? writeFile(join(etcDir, 'nsswitch.conf'), ETC_NSSWITCH, { mode: 0o644 })
+        : writeFile(join(etcDir, 'hosts'), ETC_HOSTS, { mode: 0o644 }),
+    ]);
+  } catch (e) {
+    await rm(top, { recursive: true, force: true }).catch(() => {}); // nothing half-made stays behind
+    throw e;
+  }
   return { top, buildDir, storeHostDir, etcDir };
 }
 

@@ -1,4 +1,4 @@
-import { mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -297,6 +297,12 @@ describe('sandbox', () => {
     } finally {
       stray.kill('SIGKILL'); // (only if the wrapper did not)
     }
+  });
+
+  it('leaves nothing behind when making the host directories fails half-way', async () => {
+    const top = join(tmp.path, `sb${n++}`);
+    await expect(prepareSandboxDirs(top, 2 ** 32, 0, { fixedOutput: false })).rejects.toThrow(/uid/);
+    expect(existsSync(top)).toBe(false);
   });
 
   it('killUidProcesses sweeps stray processes of a uid', async () => {
