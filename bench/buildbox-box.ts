@@ -70,7 +70,7 @@ export async function startBuildbox(dir: string, opts: BuildboxOptions): Promise
   // Extra node flags for experiments, e.g. BENCH_BUILDBOX_NODE_ARGS='--trace-gc' (output goes to buildbox.log).
   const nodeArgs = [
     '--enable-source-maps',
-    '--max-semi-space-size=1', // as the `buildbox` command runs (src/cli.ts's interpreter line, scripts/start.sh)
+    '--max-semi-space-size=4', // as the `buildbox` command runs (src/cli.ts's interpreter line, scripts/start.sh)
     ...(process.env.BENCH_BUILDBOX_NODE_ARGS ?? '').split(/\s+/).filter(Boolean),
   ];
   if (opts.cpuProfDir) nodeArgs.push('--cpu-prof', '--cpu-prof-dir', opts.cpuProfDir);

@@ -18,4 +18,4 @@ if ! reachable "$state"; then
   state=/var/lib/buildbox
   echo "[start] $(pwd) is not reachable by the build users; keeping the box's state in $state" >&2
 fi
-exec node --max-semi-space-size=1 dist/src/cli.js serve --state-dir "$state" "$@"
+exec node --max-semi-space-size=4 dist/src/cli.js serve --state-dir "$state" "$@"

@@ -1,11 +1,12 @@
-#!/usr/bin/env -S node --max-semi-space-size=1
+#!/usr/bin/env -S node --max-semi-space-size=4
 /**
  * The `buildbox` command. Each sub-command lives in its own module under src/commands/ and is loaded lazily, so
  * `buildbox --help` stays fast and a broken optional part never stops the others.
  *
- * The interpreter line caps V8's young generation at 1 MiB semi-spaces (it grows to 16 MiB ones under sustained
- * traffic otherwise): the box's memory is mostly Buffers outside the V8 heap, and a serving box then peaks ~15–30 MiB
- * lower with no loss of throughput (bench P1/P5). scripts/start.sh passes the same flag.
+ * The interpreter line caps V8's young generation at 4 MiB semi-spaces (it grows to 16 MiB ones under sustained
+ * traffic otherwise): the box's memory is mostly Buffers outside the V8 heap, and a serving box then peaks ~15 MiB
+ * lower with no loss of throughput (bench P1/P5; 1 MiB takes ~10 MiB more off but costs ~15 % more CPU per GB
+ * downloaded). scripts/start.sh passes the same flag.
  */
 import { Command, CommanderError } from 'commander';
 import { registerClientCommands } from './commands/client.js';

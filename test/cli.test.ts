@@ -65,7 +65,7 @@ describe('buildbox CLI', () => {
     ]);
     const j = JSON.parse(fp.stdout) as { fingerprint: string; knownHosts: string; signingKey: string };
     expect(err).toContain(`host key fingerprint: ${j.fingerprint}`);
-    expect(readFileSync(`/proc/${child.pid}/cmdline`, 'utf8').split('\0')).toContain('--max-semi-space-size=1');
+    expect(readFileSync(`/proc/${child.pid}/cmdline`, 'utf8').split('\0')).toContain('--max-semi-space-size=4');
     expect(j.signingKey).toMatch(/^buildbox-.+-1:/);
     writeFileSync(join(dir, 'known_hosts'), `${j.knownHosts}\n`);
     expect(readFileSync(join(dir, 'state', 'ssh_host_ed25519_key.pub'), 'utf8')).toContain(j.knownHosts.split(' ')[2]);
