@@ -55,6 +55,7 @@ interface Ran {
   out: string;
   code: number | null;
   started: boolean;
+  swept: boolean;
   dirs: Awaited<ReturnType<typeof prepareSandboxDirs>>;
 }
 
@@ -87,7 +88,7 @@ async function runIn(
   p.output.on('data', (c: Buffer) => chunks.push(c));
   const r = await p.exited;
   await new Promise((res) => (p.output.readableEnded ? res(null) : p.output.once('end', res)));
-  return { out: Buffer.concat(chunks).toString('latin1'), code: r.code, started: r.started, dirs };
+  return { out: Buffer.concat(chunks).toString('latin1'), code: r.code, started: r.started, swept: r.swept, dirs };
 }
 
 describe('sandbox', () => {
@@ -276,21 +277,9 @@ describe('sandbox', () => {
     const stray = spawn('/bin/sleep', ['1000'], { uid, gid: uid, detached: true, stdio: 'ignore' });
     await new Promise((res) => stray.once('spawn', res));
     const strayExit = new Promise<NodeJS.Signals | null>((res) => stray.once('exit', (_, sig) => res(sig)));
-    const p = spawnSandbox(
-      {
-        dirs: await prepareSandboxDirs(join(tmp.path, `sb${n++}`), uid, uid, { fixedOutput: false }),
-        storeDir: '/nix/store',
-        inputs,
-        fixedOutput: false,
-        builder: `${BB}/bin/sh`,
-        args: ['-c', 'echo done'],
-        env: { PATH: `${BB}/bin` },
-      },
-      { uid, gid: uid },
-    );
     try {
-      const r = await p.exited;
-      expect(r).toMatchObject({ code: 0, started: true, swept: true });
+      const r = await runIn('echo done', { uid });
+      expect(r).toMatchObject({ out: 'done\n', code: 0, started: true, swept: true });
       const timeout = new Promise<string>((res) => setTimeout(() => res('still running after 2 s'), 2000).unref());
       expect(await Promise.race([strayExit, timeout])).toBe('SIGKILL');
       expect(processesOfUid(uid)).toEqual([]);
