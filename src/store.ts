@@ -502,9 +502,7 @@ export class Store {
     } catch (e) {
       this.logger?.error({ err: errorMessage(e) }, 'store database commit failed; dropping the paths it held');
       if (this.db.inTransaction) this.db.exec('ROLLBACK');
-      for (const name of readdirSync(this.objectsDir)) {
-        if (!this.sObject.get(name)) removeTreeSync(join(this.objectsDir, name));
-      }
+      this.removeStrayObjects();
       this.drvOutputsCache.clear();
     }
   }
@@ -542,6 +540,11 @@ export class Store {
       for (let n = 1; n > 0; ) n = dangling.run().changes;
       this.db.exec('DELETE FROM objects WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.nar_hash = objects.hash)');
     });
+    this.removeStrayObjects();
+  }
+
+  /** Remove the entries of objects/ that the database does not know. */
+  private removeStrayObjects(): void {
     for (const name of readdirSync(this.objectsDir)) {
       if (!this.sObject.get(name)) removeTreeSync(join(this.objectsDir, name));
     }
