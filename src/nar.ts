@@ -131,7 +131,7 @@ function pLstat(path: string | Buffer): Promise<fs.Stats> {
 }
 
 /** Does anything exist at `path` (a symlink counts)? An error other than "not found" counts as no, like `pLstat`. */
-function lexists(path: string): boolean {
+export function lexists(path: string): boolean {
   try {
     return fs.lstatSync(path, { throwIfNoEntry: false }) !== undefined;
   } catch {

@@ -61,7 +61,7 @@ import Database from 'better-sqlite3';
 import type { Logger } from 'pino';
 import { drvNameFromPath, parseDerivation } from './derivation.js';
 import { Hash, HashSink, hashBytes, hashStream } from './hash.js';
-import { dumpPath, narRegularFile, parseNar, randomHex, restoreNar } from './nar.js';
+import { dumpPath, lexists, narRegularFile, parseNar, randomHex, restoreNar } from './nar.js';
 import * as nix32 from './nix32.js';
 import { type KeyRing, makeKeyRing, type SecretKey, signPathInfo, validPathInfoSignatures } from './signing.js';
 import {
@@ -254,11 +254,6 @@ function userKey(user: string): string {
 
 async function* oneChunk(b: Buffer): AsyncGenerator<Buffer> {
   yield b;
-}
-
-/** Does anything (a symlink counts) exist at `p`? */
-function lexists(p: string): boolean {
-  return lstatSync(p, { throwIfNoEntry: false }) !== undefined;
 }
 
 function nowSeconds(): number {
